@@ -1,0 +1,7 @@
+"""Meta-learning algorithms, each a factory returning a :class:`MetaLearner` of pure functions."""
+
+from ._base import MetaLearner, with_steps
+from .maml import META_SGD_LR_PREFIX, anil, boil, fomaml, maml, meta_sgd
+from .reptile import reptile
+
+__all__ = ["MetaLearner", "with_steps", "maml", "fomaml", "anil", "boil", "meta_sgd", "reptile", "META_SGD_LR_PREFIX"]

@@ -1,0 +1,190 @@
+"""What every algorithm shares: the :class:`MetaLearner` contract, task losses and eager checks."""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, NamedTuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .._types import AdaptFn, LossFn, Metrics, ModelFn, Params, PerTaskFn, Task
+from .._validation import check_labels, check_task
+from ..functional import check_params
+
+__all__ = ["MetaLearner", "resolve_loss", "check_model", "task_metrics", "attach_checks", "LossSpec"]
+
+LossSpec = Union[str, LossFn]
+
+
+class MetaLearner(NamedTuple):
+    """An algorithm as a bundle of pure functions (no state lives here).
+
+    * ``init(model_params) -> meta_params``: the tree the outer optimizer updates (Meta-SGD adds learning rates).
+    * ``adapt(meta_params, x, y, *, steps=None) -> (task_params, support_losses)``: the inner loop of one task.
+    * ``meta_loss(meta_params, task) -> (loss, metrics)``: one task's objective; its gradient is the meta-gradient.
+      Batch it with :func:`metafunc.meta_batch`.
+    * ``evaluate(meta_params, task, *, steps=None) -> (query_loss, metrics)``: adapt then score the query set.
+    * ``predict(task_params, x)``: the model's output with adapted parameters.
+
+    Example:
+        >>> from metafunc import functionalize, maml, meta_batch
+        >>> model, params = functionalize(torch.nn.Linear(1, 1))
+        >>> learner = maml(model, inner_lr=0.01, loss="mse")
+        >>> meta_params = learner.init(params)
+    """
+
+    name: str
+    init: Callable[[Params], Params]
+    adapt: AdaptFn
+    meta_loss: PerTaskFn
+    evaluate: Callable[..., tuple[Tensor, Metrics]]
+    predict: Callable[[Params, Tensor], Tensor]
+    second_order: bool
+    model: ModelFn
+
+
+def _mse(prediction: Tensor, target: Tensor) -> Tensor:
+    return F.mse_loss(prediction, target)
+
+
+def _cross_entropy(prediction: Tensor, target: Tensor) -> Tensor:
+    return F.cross_entropy(prediction, target)
+
+
+_LOSSES: dict[str, LossFn] = {"mse": _mse, "cross_entropy": _cross_entropy}
+
+
+def resolve_loss(loss: LossSpec, caller: str) -> tuple[LossFn, bool]:
+    """``(loss_fn, is_classification)`` for ``"mse"``, ``"cross_entropy"`` or a callable ``loss(pred, target)``."""
+    if isinstance(loss, str):
+        if loss not in _LOSSES:
+            raise ValueError(f"{caller}: loss must be 'cross_entropy', 'mse' or a callable (got {loss!r})")
+        return _LOSSES[loss], loss == "cross_entropy"
+    if callable(loss):
+        return loss, False
+    raise TypeError(f"{caller}: loss must be 'cross_entropy', 'mse' or a callable (got {type(loss).__name__})")
+
+
+def check_model(model: object, caller: str) -> None:
+    if isinstance(model, nn.Module):
+        raise TypeError(
+            f"{caller}: model must be a pure function model(params, x), not an nn.Module; "
+            "use model, params = metafunc.functionalize(module)"
+        )
+    if not callable(model):
+        raise TypeError(f"{caller}: model must be callable as model(params, x) (got {type(model).__name__})")
+
+
+def task_metrics(prediction: Tensor, target: Tensor, loss: Tensor, classification: bool) -> Metrics:
+    metrics = {"loss": loss.detach()}
+    if classification:
+        metrics["accuracy"] = (prediction.detach().argmax(-1) == target).to(prediction.dtype).mean()
+    return metrics
+
+
+def attach_checks(
+    fn: Callable,
+    *,
+    caller: str,
+    model: ModelFn,
+    classification: bool,
+    second_order: bool,
+    model_params: Callable[[Params], Params] = lambda p: p,
+) -> Callable:
+    """Give a per-task function the eager ``validate(params, tasks, vmapped)`` that :func:`meta_batch` calls.
+
+    It checks parameter names, label ranges (the model's number of outputs is measured once per input shape), and
+    refuses torch norm layers under vmap at second order, whose gradients torch 2.13 computes wrongly.
+    """
+    out_features: dict[tuple, int] = {}
+
+    def validate(params: Params, tasks: Task, vmapped: bool = True, batched: bool = True) -> None:
+        check_params(params, model, caller=caller)
+        tasks = check_task(tasks, caller=caller, batched=batched)
+        torch_norms = getattr(model, "torch_norm_layers", [])
+        if vmapped and second_order and torch_norms:
+            raise ValueError(
+                f"{caller}: the model has torch norm layers {torch_norms} whose second-order gradients are wrong "
+                f"under vmap on torch {torch.__version__.split('+')[0]}; convert them with "
+                "metafunc.convert_norm_layers(module) before functionalize (or use first_order=True, or "
+                "meta_batch(..., mode='loop'))"
+            )
+        if classification:
+            x = tasks.query_x[0] if batched else tasks.query_x
+            key = (tuple(x.shape[1:]), x.dtype, x.device)
+            if key not in out_features:
+                with torch.no_grad():
+                    out = model(model_params(params), x[:2])
+                if out.dim() != 2:
+                    raise ValueError(
+                        f"{caller}: loss='cross_entropy' needs model outputs of shape (examples, classes) "
+                        f"(got {tuple(out.shape)})"
+                    )
+                out_features[key] = int(out.shape[-1])
+            check_labels(caller, tasks, out_features[key])
+
+    fn.validate = validate  # type: ignore[attr-defined]
+    return fn
+
+
+def build_learner(
+    *,
+    name: str,
+    model: ModelFn,
+    adapt: AdaptFn,
+    loss_fn: LossFn,
+    classification: bool,
+    second_order: bool,
+    init: Callable[[Params], Params] = lambda p: dict(p),
+    split: Callable[[Params], tuple[Params, dict]] = lambda p: (p, {}),
+    outer_objective: Callable[[Params, Params, Tensor], Tensor] | None = None,
+) -> MetaLearner:
+    """Assemble a :class:`MetaLearner` from an adaptation, a loss and how meta-parameters split.
+
+    ``split(meta_params) -> (model_params, adapt_kwargs)`` separates the model's weights from meta-parameters that
+    the inner loop takes as keyword arguments (Meta-SGD's learning rates). ``outer_objective(model_params,
+    task_params, query_loss)`` replaces the query loss as the differentiated objective (Reptile); metrics always
+    report the query loss.
+    """
+
+    def adapt_task(params: Params, x: Tensor, y: Tensor, *, steps: int | None = None) -> tuple[Params, Tensor]:
+        model_params, kwargs = split(params)
+        return adapt(model_params, x, y, steps=steps, **kwargs)
+
+    def score(params: Params, task: Task, steps: int | None) -> tuple[Tensor, Metrics, Params, Params]:
+        model_params, _ = split(params)
+        task_params, support_losses = adapt_task(params, task.support_x, task.support_y, steps=steps)
+        prediction = model(task_params, task.query_x)
+        loss = loss_fn(prediction, task.query_y)
+        metrics = task_metrics(prediction, task.query_y, loss, classification)
+        metrics["support_loss"] = support_losses[0]
+        return loss, metrics, model_params, task_params
+
+    def meta_loss(params: Params, task: Task) -> tuple[Tensor, Metrics]:
+        loss, metrics, model_params, task_params = score(params, task, None)
+        if outer_objective is not None:
+            loss = outer_objective(model_params, task_params, loss)
+        return loss, metrics
+
+    def evaluate(params: Params, task: Task, *, steps: int | None = None) -> tuple[Tensor, Metrics]:
+        loss, metrics, _, _ = score(params, task, steps)
+        return loss.detach(), metrics
+
+    checks = dict(caller=name, model=model, classification=classification, second_order=second_order,
+                  model_params=lambda p: split(p)[0])
+    meta_loss.__name__ = f"{name}_meta_loss"
+    evaluate.__name__ = f"{name}_evaluate"
+    attach_checks(meta_loss, **checks)  # type: ignore[arg-type]
+    attach_checks(evaluate, **checks)  # type: ignore[arg-type]
+    return MetaLearner(name=name, init=init, adapt=adapt_task, meta_loss=meta_loss, evaluate=evaluate,
+                       predict=lambda p, x: model(split(p)[0], x), second_order=second_order, model=model)
+
+
+def with_steps(fn: Callable[..., tuple[Tensor, Metrics]], steps: int) -> Callable[[Params, Task], tuple[Tensor, Metrics]]:
+    """``fn`` with ``steps=`` bound, keeping its eager checks (for ``meta_batch(with_steps(learner.evaluate, 3))``)."""
+    bound = functools.wraps(fn)(functools.partial(fn, steps=steps))
+    if hasattr(fn, "validate"):
+        bound.validate = fn.validate  # type: ignore[attr-defined]
+    return bound  # type: ignore[return-value]
