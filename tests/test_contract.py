@@ -1,0 +1,124 @@
+"""One contract every learner in ``tests/learner_cases.py`` passes (add a case there, not a test here)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from learner_cases import CASES, LearnerCase
+from metafunc import meta_batch
+from metafunc.tree import tree_relative_error
+
+
+def _meta_gradient(learner, params, tasks, **meta_batch_kwargs):
+    params = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+    loss, metrics = meta_batch(learner.meta_loss, **meta_batch_kwargs)(params, tasks)
+    grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+    tree = {k: (g if g is not None else torch.zeros_like(v)) for (k, v), g in zip(params.items(), grads)}
+    return loss.detach(), metrics, tree
+
+
+cases = pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+
+
+@cases
+def test_loss_and_metrics_are_finite(case: LearnerCase):
+    learner, params, _ = case.build()
+    loss, metrics, grads = _meta_gradient(learner, params, case.tasks(3))
+    assert loss.dim() == 0 and math.isfinite(loss.item())
+    assert "loss" in metrics
+    for name, value in metrics.items():
+        assert value.dim() == 0 and torch.isfinite(value), name
+    assert all(torch.isfinite(g).all() for g in grads.values())
+
+
+@cases
+def test_meta_gradient_tree_matches_params_tree(case: LearnerCase):
+    learner, params, _ = case.build()
+    tasks = case.tasks(3)
+    tree = torch.func.grad(lambda p: meta_batch(learner.meta_loss)(p, tasks)[0])(params)
+    assert isinstance(tree, dict) and list(tree) == list(params)
+    for name, p in params.items():
+        assert tree[name].shape == p.shape and tree[name].dtype == p.dtype, name
+    # The .backward() path fills the same tree.
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+    meta_batch(learner.meta_loss)(leaves, tasks)[0].backward()
+    assert all(leaves[k].grad is not None for k in leaves)
+    assert sum(float(g.detach().abs().sum()) for g in tree.values()) > 0
+
+
+@cases
+@pytest.mark.parametrize("chunk_size", [None, 2], ids=["chunk=all", "chunk=2"])
+def test_vmap_equals_loop(case: LearnerCase, chunk_size):
+    learner, params, _ = case.build(dtype=torch.float64)
+    tasks = case.tasks(3, dtype=torch.float64)
+    loss_v, metrics_v, grads_v = _meta_gradient(learner, params, tasks, mode="vmap", chunk_size=chunk_size)
+    loss_l, metrics_l, grads_l = _meta_gradient(learner, params, tasks, mode="loop")
+    assert torch.allclose(loss_v, loss_l, rtol=1e-12, atol=0)
+    assert metrics_v.keys() == metrics_l.keys()
+    for k in metrics_v:
+        assert torch.allclose(metrics_v[k], metrics_l[k], rtol=1e-12, atol=1e-14), k
+    assert tree_relative_error(grads_v, grads_l) < 1e-10
+
+
+@cases
+def test_reduce_none_keeps_one_value_per_task_and_mean_reduces_it(case: LearnerCase):
+    learner, params, _ = case.build(dtype=torch.float64)
+    tasks = case.tasks(3, dtype=torch.float64)
+    per_task, metrics = meta_batch(learner.meta_loss, reduce="none")(params, tasks)
+    mean, _ = meta_batch(learner.meta_loss)(params, tasks)
+    total, _ = meta_batch(learner.meta_loss, reduce="sum")(params, tasks)
+    assert per_task.shape == (3,) and metrics["loss"].shape == (3,)
+    assert torch.allclose(per_task.mean(), mean, rtol=1e-12)
+    assert torch.allclose(per_task.sum(), total, rtol=1e-12)
+
+
+@cases
+@pytest.mark.parametrize("mode", ["vmap", "loop"])
+def test_meta_batch_of_one_equals_the_per_task_function(case: LearnerCase, mode):
+    learner, params, _ = case.build(dtype=torch.float64)
+    tasks = case.tasks(1, dtype=torch.float64)
+    loss, _, grads = _meta_gradient(learner, params, tasks, mode=mode)
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+    single, _ = learner.meta_loss(leaves, tasks.task_at(0))
+    single_grads = torch.autograd.grad(single, list(leaves.values()), allow_unused=True)
+    single_tree = {k: (g if g is not None else torch.zeros_like(v)) for (k, v), g in zip(leaves.items(), single_grads)}
+    assert torch.allclose(loss, single.detach(), rtol=1e-12)
+    assert tree_relative_error(grads, single_tree) < 1e-10
+
+
+@cases
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_dtype_is_preserved(case: LearnerCase, dtype):
+    learner, params, _ = case.build(dtype=dtype)
+    assert all(p.dtype == dtype for p in params.values())
+    loss, metrics, grads = _meta_gradient(learner, params, case.tasks(2, dtype=dtype))
+    assert loss.dtype == dtype
+    assert all(m.dtype == dtype for m in metrics.values())
+    assert all(g.dtype == dtype for g in grads.values())
+    task_params, support_losses = learner.adapt(params, *case.tasks(1, dtype=dtype).task_at(0)[:2])
+    assert all(v.dtype == dtype for v in task_params.values()) and support_losses.dtype == dtype
+
+
+@cases
+def test_same_seed_same_result_and_another_seed_differs(case: LearnerCase):
+    results = []
+    for seed in (0, 0, 1):
+        learner, params, _ = case.build(seed=seed)
+        results.append(_meta_gradient(learner, params, case.tasks(2, seed=seed)))
+    (loss_a, _, grads_a), (loss_b, _, grads_b), (loss_c, _, grads_c) = results
+    assert torch.equal(loss_a, loss_b)
+    assert all(torch.equal(grads_a[k], grads_b[k]) for k in grads_a)
+    assert not torch.equal(loss_a, loss_c)
+
+
+@cases
+def test_evaluate_reports_query_loss_without_graph(case: LearnerCase):
+    learner, params, _ = case.build(dtype=torch.float64)
+    tasks = case.tasks(2, dtype=torch.float64)
+    loss, metrics = meta_batch(learner.evaluate)(params, tasks)
+    _, train_metrics = meta_batch(learner.meta_loss)(params, tasks)
+    assert not loss.requires_grad
+    assert torch.allclose(loss, train_metrics["loss"], rtol=1e-12)
