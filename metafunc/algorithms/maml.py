@@ -107,7 +107,8 @@ def meta_sgd(model: ModelFn, *, inner_lr: float = 0.4, steps: int = 1, loss: Los
 
     ``init(params)`` adds the learning rates to the meta-parameters under ``"inner_lr/" + name`` (initialised to
     ``inner_lr``), so a ``torch.optim`` optimizer over ``init(params).values()`` learns them with the weights. The
-    inner step is ``phi <- phi - alpha * grad`` elementwise.
+    inner step is ``phi <- phi - alpha * grad`` elementwise. ``first_order=True`` stops the gradient of the inner
+    gradients (no Hessian term) but keeps ``d phi / d alpha = -grad``, so the learning rates still learn.
 
     Example:
         >>> from metafunc import functionalize, models
@@ -121,15 +122,18 @@ def meta_sgd(model: ModelFn, *, inner_lr: float = 0.4, steps: int = 1, loss: Los
     check_model(model, name)
     check_positive(name, "inner_lr", inner_lr)
     check_steps(name, "steps", steps)
+    if not isinstance(first_order, bool):
+        raise TypeError(f"{name}: first_order must be a bool (got {first_order!r})")
     loss_fn, classification = resolve_loss(loss, name)
     select_adapted = _predicate(adapt, name)
 
     def task_loss(params: Params, x: Tensor, y: Tensor) -> Tensor:
         return loss_fn(model(params, x), y)
 
-    adapt_fn = inner_loop(task_loss, steps=steps, adapt=adapt)
-    if first_order:
-        adapt_fn = first_order_transform(adapt_fn)
+    # First order keeps d phi / d alpha = -grad (the learning rates must still learn) and drops only the Hessian
+    # term, so it stops the inner gradients rather than wrapping the loop with first_order() (which would also cut
+    # the learning rates off the graph).
+    adapt_fn = inner_loop(task_loss, steps=steps, adapt=adapt, first_order=first_order)
 
     def init(params: Params) -> Params:
         lrs = {META_SGD_LR_PREFIX + k: v.detach().new_full(v.shape, inner_lr).requires_grad_(True)
