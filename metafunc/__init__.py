@@ -7,6 +7,7 @@ meta-batch of tasks runs at once under ``vmap``. Algorithms are factories return
 from . import models, tree
 from ._types import AdaptFn, LossFn, Metrics, ModelFn, Params, PerTaskFn, Selector, Task
 from .algorithms import META_SGD_LR_PREFIX, MetaLearner, anil, boil, fomaml, maml, meta_sgd, reptile, with_steps
+from .algorithms import fo_proto_maml, matching_net, proto_maml, prototype_head, prototypes, protonet
 from .batching import meta_batch
 from .functional import FunctionalModel, check_params, functionalize
 from .inner import first_order, inner_loop, sgd_step
@@ -24,6 +25,7 @@ __all__ = [
     "BatchNorm", "LayerNorm", "GroupNorm", "convert_norm_layers", "find_torch_norm_layers",
     # algorithms
     "MetaLearner", "maml", "fomaml", "anil", "boil", "meta_sgd", "reptile", "with_steps", "META_SGD_LR_PREFIX",
+    "protonet", "matching_net", "proto_maml", "fo_proto_maml", "prototypes", "prototype_head",
     # tasks and models
     "sinusoid_tasks", "SinusoidTasks", "models", "tree",
 ]

@@ -1,0 +1,181 @@
+"""Matching Networks (Vinyals et al., 2016): cosine attention over the embedded support set, with optional full
+context embeddings (a bidirectional LSTM over the support set and an attention LSTM over each query)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .._types import Metrics, ModelFn, Params, Task
+from .._validation import check_positive, check_steps
+from ._base import MetaLearner, check_model, task_metrics
+from .protonet import WaysResolver, attach_metric_checks, check_ways, one_hot
+
+__all__ = ["matching_net", "FCE_PREFIX", "SUPPORT_FEATURES_KEY", "SUPPORT_LABELS_KEY"]
+
+FCE_PREFIX = "fce/"
+"""Full-context-embedding LSTM parameters live under ``"fce/"`` in the meta-parameters (made by ``learner.init``)."""
+SUPPORT_FEATURES_KEY = "support/features"
+"""``matching_net``'s ``adapt`` stores the (context-)embedded support set under this key."""
+SUPPORT_LABELS_KEY = "support/labels"
+"""... and the one-hot support labels under this key."""
+
+_FCE_SHAPES = {  # name -> shape in units of the feature dimension d (4d gates)
+    "g_fwd.weight_ih": (4, 1), "g_fwd.weight_hh": (4, 1), "g_fwd.bias": (4,),
+    "g_bwd.weight_ih": (4, 1), "g_bwd.weight_hh": (4, 1), "g_bwd.bias": (4,),
+    "f.weight_ih": (4, 1), "f.weight_hh": (4, 2), "f.bias": (4,),
+}
+
+
+def _lstm_cell(p: Params, prefix: str, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    gates = x @ p[prefix + "weight_ih"].T + h @ p[prefix + "weight_hh"].T + p[prefix + "bias"]
+    i, f, g, o = gates.chunk(4, dim=-1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c), c
+
+
+def _context_support(p: Params, z: Tensor) -> Tensor:
+    """g(x_i) = z_i + h_fwd_i + h_bwd_i: a bidirectional LSTM over the support sequence, with a skip connection."""
+    zero = z.new_zeros(1, z.shape[-1])
+    forward, backward = [], []
+    h, c = zero, zero
+    for i in range(z.shape[0]):
+        h, c = _lstm_cell(p, FCE_PREFIX + "g_fwd.", z[i:i + 1], h, c)
+        forward.append(h)
+    h, c = zero, zero
+    for i in reversed(range(z.shape[0])):
+        h, c = _lstm_cell(p, FCE_PREFIX + "g_bwd.", z[i:i + 1], h, c)
+        backward.append(h)
+    return z + torch.cat(forward) + torch.cat(backward[::-1])
+
+
+def _context_query(p: Params, z: Tensor, support: Tensor, steps: int) -> Tensor:
+    """f(x) after ``steps`` reads of an attention LSTM over the context-embedded support set."""
+    h = torch.zeros_like(z)
+    r = torch.zeros_like(z)
+    c = torch.zeros_like(z)
+    for _ in range(steps):
+        h_hat, c = _lstm_cell(p, FCE_PREFIX + "f.", z, torch.cat([h, r], dim=-1), c)
+        h = h_hat + z
+        r = torch.softmax(h @ support.T, dim=-1) @ support
+    return h
+
+
+def matching_net(encoder: ModelFn, *, ways: int | None = None, temperature: float = 1.0, fce: bool = False,
+                 feature_dim: int | None = None, fce_steps: int = 2, fce_seed: int = 0) -> MetaLearner:
+    """Matching Networks (Vinyals et al., 2016): a query's class distribution is the softmax attention over the
+    support set (cosine similarity divided by ``temperature``) applied to the support labels.
+
+    ``encoder(params, x) -> (examples, features)`` is pure. ``meta_loss`` is the query negative log-likelihood of
+    that distribution. ``fce=True`` adds full context embeddings: the support set goes through a bidirectional LSTM
+    (in the order given) and each query through an attention LSTM with ``fce_steps`` reads; their parameters
+    (``feature_dim`` wide, drawn from ``fce_seed``) are added by ``learner.init(params)`` under ``"fce/"``.
+
+    Example:
+        >>> import torch
+        >>> from metafunc import Task, functionalize, meta_batch
+        >>> encoder, params = functionalize(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU()))
+        >>> learner = matching_net(encoder, fce=True, feature_dim=8)
+        >>> meta_params = learner.init(params)
+        >>> tasks = Task(torch.randn(2, 6, 4), torch.tensor([[0, 0, 1, 1, 2, 2]] * 2),
+        ...              torch.randn(2, 3, 4), torch.tensor([[0, 1, 2]] * 2))
+        >>> loss, metrics = meta_batch(learner.meta_loss)(meta_params, tasks)
+        >>> loss.backward()
+    """
+    name = "matching_net"
+    check_model(encoder, name)
+    resolve_ways = WaysResolver(name, check_ways(name, ways))
+    check_positive(name, "temperature", temperature)
+    if not isinstance(fce, bool):
+        raise TypeError(f"{name}: fce must be a bool (got {fce!r})")
+    if fce:
+        if feature_dim is None:
+            raise ValueError(f"{name}: fce=True needs feature_dim= (the encoder's output width) to build the LSTMs")
+        check_steps(name, "feature_dim", feature_dim)
+        check_steps(name, "fce_steps", fce_steps)
+
+    def encoder_params(params: Params) -> Params:
+        return {k: v for k, v in params.items() if not k.startswith((FCE_PREFIX, "support/"))}
+
+    def init(params: Params) -> Params:
+        params = dict(params)
+        if not fce:
+            return params
+        ref = next(iter(params.values()))
+        generator = torch.Generator().manual_seed(fce_seed)
+        bound = 1.0 / math.sqrt(feature_dim)  # type: ignore[arg-type]
+        for key, units in _FCE_SHAPES.items():
+            shape = tuple(u * feature_dim for u in units)  # type: ignore[operator]
+            value = (torch.rand(shape, generator=generator, dtype=torch.float64) * 2 - 1) * bound
+            params[FCE_PREFIX + key] = value.to(dtype=ref.dtype, device=ref.device).requires_grad_(True)
+        return params
+
+    def check_fce(params: Params) -> None:
+        if fce:
+            missing = [FCE_PREFIX + k for k in _FCE_SHAPES if FCE_PREFIX + k not in params]
+            if missing:
+                raise ValueError(f"{name}: the meta-parameters lack the full-context-embedding parameters "
+                                 f"{missing[:3]}; build them with learner.init(params)")
+
+    def embed(params: Params, support_x: Tensor, query_x: Tensor) -> tuple[Tensor, Tensor]:
+        theta = encoder_params(params)
+        support, query = encoder(theta, support_x), encoder(theta, query_x)
+        if fce:
+            support = _context_support(params, support)
+        return support, query
+
+    def log_probs(params: Params, support: Tensor, onehot: Tensor, query: Tensor) -> Tensor:
+        if fce:
+            query = _context_query(params, query, support, fce_steps)
+        cosine = F.normalize(query, dim=-1) @ F.normalize(support, dim=-1).T
+        attention = torch.softmax(cosine / temperature, dim=-1)
+        return torch.log(attention @ onehot)
+
+    def adapt(params: Params, x: Tensor, y: Tensor, *, steps: int | None = None) -> tuple[Params, Tensor]:
+        check_fce(params)
+        support, _ = embed(params, x, x[:1])
+        onehot = one_hot(y, resolve_ways(y), support.dtype)
+        task_params = {**params, SUPPORT_FEATURES_KEY: support, SUPPORT_LABELS_KEY: onehot}
+        query = encoder(encoder_params(params), x)
+        support_loss = F.nll_loss(log_probs(params, support, onehot, query), y)
+        return task_params, support_loss.detach().reshape(1)
+
+    def score(params: Params, task: Task) -> tuple[Tensor, Metrics]:
+        check_fce(params)
+        support, query = embed(params, task.support_x, task.query_x)
+        onehot = one_hot(task.support_y, resolve_ways(task.support_y), support.dtype)
+        out = log_probs(params, support, onehot, query)
+        loss = F.nll_loss(out, task.query_y)
+        return loss, task_metrics(out, task.query_y, loss, True)
+
+    def meta_loss(params: Params, task: Task) -> tuple[Tensor, Metrics]:
+        return score(params, task)
+
+    def evaluate(params: Params, task: Task, *, steps: int | None = None) -> tuple[Tensor, Metrics]:
+        with torch.no_grad():
+            loss, metrics = score(params, task)
+        return loss.detach(), metrics
+
+    def predict(task_params: Params, x: Tensor) -> Tensor:
+        if SUPPORT_FEATURES_KEY not in task_params:
+            raise ValueError(f"{name}: predict needs the task parameters returned by adapt "
+                             f"(no {SUPPORT_FEATURES_KEY!r} key)")
+        query = encoder(encoder_params(task_params), x)
+        return log_probs(task_params, task_params[SUPPORT_FEATURES_KEY], task_params[SUPPORT_LABELS_KEY], query)
+
+    meta_loss.__name__, evaluate.__name__ = "matching_net_meta_loss", "matching_net_evaluate"
+    for fn in (meta_loss, evaluate):
+        attach_metric_checks(fn, caller=name, encoder=encoder, ways=resolve_ways, encoder_params=encoder_params)
+        inner_validate = fn.validate  # type: ignore[attr-defined]
+
+        def validate(params: Params, tasks: Task, vmapped: bool = True, batched: bool = True,
+                     _inner=inner_validate) -> None:
+            check_fce(params)
+            _inner(params, tasks, vmapped, batched)
+
+        fn.validate = validate  # type: ignore[attr-defined]
+    return MetaLearner(name=name, init=init, adapt=adapt, meta_loss=meta_loss, evaluate=evaluate,
+                       predict=predict, second_order=False, model=encoder)

@@ -1,0 +1,240 @@
+"""ProtoMAML and fo-ProtoMAML (Triantafillou et al., 2020), with the memory-efficient two-pass meta-gradient.
+
+The output layer of each task is initialised from the class prototypes ``c_k`` of the support set embedded by the
+base encoder: ``W_k = 2 c_k``, ``b_k = -||c_k||^2``, so that ``logits = -||z - c_k||^2 + ||z||^2`` (negative squared
+distances plus a per-example constant). The inner loop then adapts the encoder and this output layer; after it the
+output parameters are rewritten ``phi = gamma + stopgrad(phi - gamma)`` (``gamma`` the prototype initialisation), so
+the values are unchanged and the query loss differentiates into the prototypes. The initialisation enters the inner
+loop detached.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.func import grad
+
+from .._types import Metrics, ModelFn, Params, Selector, Task
+from .._validation import check_positive, check_steps
+from ..inner import inner_loop
+from ..tree import _predicate, tree_detach
+from ._base import MetaLearner, check_model, task_metrics
+from .protonet import WaysResolver, attach_metric_checks, check_ways, prototypes
+
+__all__ = ["proto_maml", "fo_proto_maml", "prototype_head", "HEAD_WEIGHT", "HEAD_BIAS"]
+
+HEAD_WEIGHT = "proto_head.weight"
+"""Key of the prototype-initialised output weight ``(ways, features)`` in ProtoMAML's task parameters."""
+HEAD_BIAS = "proto_head.bias"
+"""Key of the prototype-initialised output bias ``(ways,)`` in ProtoMAML's task parameters."""
+_HEAD_KEYS = (HEAD_WEIGHT, HEAD_BIAS)
+
+
+def prototype_head(features: Tensor, labels: Tensor, ways: int) -> tuple[Tensor, Tensor]:
+    """ProtoMAML's output layer from the support set: ``(W, b)`` with ``W_k = 2 c_k`` and ``b_k = -||c_k||^2``.
+
+    ``features @ W.T + b`` then equals ``-||z - c_k||^2 + ||z||^2`` for every embedded example ``z``.
+
+    Example:
+        >>> w, b = prototype_head(torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.tensor([0, 1]), 2)
+        >>> w, b
+        (tensor([[2., 0.],
+                [0., 4.]]), tensor([-1., -4.]))
+    """
+    centres = prototypes(features, labels, ways)
+    return 2 * centres, -(centres * centres).sum(-1)
+
+
+def _linear(features: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    return features @ weight.transpose(-1, -2) + bias
+
+
+def _proto_maml(name: str, encoder: ModelFn, *, inner_lr: float, head_lr: float | None, steps: int,
+                first_order: bool, two_pass: bool, ways: int | None, adapt: Selector) -> MetaLearner:
+    check_model(encoder, name)
+    check_positive(name, "inner_lr", inner_lr)
+    head_lr = check_positive(name, "head_lr", head_lr) if head_lr is not None else float(inner_lr)
+    check_steps(name, "steps", steps)
+    for flag, value in (("first_order", first_order), ("two_pass", two_pass)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name}: {flag} must be a bool (got {value!r})")
+    if two_pass and not first_order:
+        raise ValueError(f"{name}: two_pass=True is the first-order gradient path; use fo_proto_maml(..., "
+                         "two_pass=True) (second-order ProtoMAML keeps the inner-loop graph)")
+    resolve_ways = WaysResolver(name, check_ways(name, ways))
+    adapts_encoder = _predicate(adapt, name)
+
+    def encoder_params(params: Params) -> Params:
+        return {k: v for k, v in params.items() if k not in _HEAD_KEYS}
+
+    def head_of(theta: Params, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        weight, bias = prototype_head(encoder(theta, x), y, resolve_ways(y))
+        return {HEAD_WEIGHT: weight, HEAD_BIAS: bias}
+
+    def logits_of(phi: Params, x: Tensor) -> Tensor:
+        return _linear(encoder(encoder_params(phi), x), phi[HEAD_WEIGHT], phi[HEAD_BIAS])
+
+    def task_loss(phi: Params, x: Tensor, y: Tensor) -> Tensor:
+        return F.cross_entropy(logits_of(phi, x), y)
+
+    inner = inner_loop(task_loss, steps=steps, first_order=first_order,
+                       adapt=lambda k: k in _HEAD_KEYS or adapts_encoder(k))
+
+    def run_inner(theta: Params, gamma: Params, x: Tensor, y: Tensor, n_steps: int | None) -> tuple[Params, Tensor]:
+        """The inner loop from ``theta`` and the detached prototype head; the encoder is re-attached first order."""
+        lrs = {k: (head_lr if k in _HEAD_KEYS else inner_lr) for k in (*theta, *_HEAD_KEYS)}
+        start = {**(tree_detach(theta) if first_order else theta), **tree_detach(gamma)}
+        phi, losses = inner(start, x, y, lr=lrs, steps=n_steps)  # type: ignore[arg-type]
+        if first_order:  # d phi / d theta = I
+            phi = {**phi, **{k: theta[k] + (phi[k] - theta[k].detach()).detach() for k in theta}}
+        return phi, losses
+
+    def rewrite(phi: Params, gamma: Params) -> Params:
+        """``phi = gamma + stopgrad(phi - gamma)`` on the output layer: same values, gradient into the prototypes."""
+        return {**phi, **{k: gamma[k] + (phi[k] - gamma[k]).detach() for k in _HEAD_KEYS}}
+
+    def adapt_task(params: Params, x: Tensor, y: Tensor, *, steps: int | None = None) -> tuple[Params, Tensor]:
+        if steps is not None:
+            check_steps(name, "steps", steps)
+        theta = encoder_params(params)
+        gamma = head_of(theta, x, y)
+        phi, losses = run_inner(theta, gamma, x, y, steps)
+        return rewrite(phi, gamma), losses
+
+    def finish(logits: Tensor, loss: Tensor, task: Task, losses: Tensor) -> Metrics:
+        metrics = task_metrics(logits, task.query_y, loss, True)
+        metrics["support_loss"] = losses[0]
+        return metrics
+
+    def single_graph_loss(params: Params, task: Task) -> tuple[Tensor, Metrics]:
+        phi, losses = adapt_task(params, task.support_x, task.support_y)
+        logits = logits_of(phi, task.query_x)
+        loss = F.cross_entropy(logits, task.query_y)
+        return loss, finish(logits, loss, task, losses)
+
+    def two_pass_loss(params: Params, task: Task) -> tuple[Tensor, Metrics]:
+        theta = encoder_params(params)
+        theta0 = tree_detach(theta)
+        # (a) prototypes without a graph, the inner loop, the query loss and its gradient w.r.t. the adapted
+        # encoder; keep the detached query features before the output layer.
+        with torch.no_grad():
+            gamma0 = head_of(theta0, task.support_x, task.support_y)
+        phi, losses = inner({**theta0, **gamma0}, task.support_x, task.support_y,
+                            lr={k: (head_lr if k in _HEAD_KEYS else inner_lr) for k in (*theta0, *_HEAD_KEYS)})
+        phi = tree_detach(phi)
+        head = {k: phi[k] for k in _HEAD_KEYS}
+
+        def query_loss(phi_encoder: Params) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+            features = encoder(phi_encoder, task.query_x)
+            logits = _linear(features, head[HEAD_WEIGHT], head[HEAD_BIAS])
+            loss = F.cross_entropy(logits, task.query_y)
+            return loss, (loss.detach(), logits.detach(), features.detach())
+
+        grads_a, (loss, logits, features) = grad(query_loss, has_aux=True)(encoder_params(phi))
+
+        # (b) the prototypes again, with a graph on the base encoder; the rewrite; the stored features through
+        # the output layer; backpropagate into the base encoder.
+        def prototype_loss(theta_: Params) -> Tensor:
+            adapted = rewrite(head, head_of(theta_, task.support_x, task.support_y))
+            return F.cross_entropy(_linear(features, adapted[HEAD_WEIGHT], adapted[HEAD_BIAS]), task.query_y)
+
+        grads_b = grad(prototype_loss)(theta0)
+        # A loss whose value is the query loss and whose gradient w.r.t. theta is grads_a + grads_b.
+        surrogate = loss + sum(((grads_a[k] + grads_b[k]) * (theta[k] - theta0[k])).sum() for k in theta)
+        return surrogate, finish(logits, loss, task, losses)
+
+    meta_loss = two_pass_loss if two_pass else single_graph_loss
+
+    def per_task(params: Params, task: Task) -> tuple[Tensor, Metrics]:
+        return meta_loss(params, task)
+
+    def evaluate(params: Params, task: Task, *, steps: int | None = None) -> tuple[Tensor, Metrics]:
+        phi, losses = adapt_task(tree_detach(params), task.support_x, task.support_y, steps=steps)
+        with torch.no_grad():
+            logits = logits_of(tree_detach(phi), task.query_x)
+            loss = F.cross_entropy(logits, task.query_y)
+        return loss, finish(logits, loss, task, losses)
+
+    def predict(task_params: Params, x: Tensor) -> Tensor:
+        missing = [k for k in _HEAD_KEYS if k not in task_params]
+        if missing:
+            raise ValueError(f"{name}: predict needs the task parameters returned by adapt (missing {missing})")
+        return logits_of(task_params, x)
+
+    per_task.__name__, evaluate.__name__ = f"{name}_meta_loss", f"{name}_evaluate"
+    second_order = not first_order
+    for fn in (per_task, evaluate):
+        attach_metric_checks(fn, caller=name, encoder=encoder, ways=resolve_ways, encoder_params=encoder_params,
+                             second_order=second_order)
+        _refuse_head_names(fn, name)
+    return MetaLearner(name=name, init=lambda p: dict(p), adapt=adapt_task, meta_loss=per_task, evaluate=evaluate,
+                       predict=predict, second_order=second_order, model=encoder)
+
+
+def _refuse_head_names(fn: Callable, name: str) -> None:
+    inner_validate = fn.validate  # type: ignore[attr-defined]
+
+    def validate(params: Params, tasks: Task, vmapped: bool = True, batched: bool = True) -> None:
+        clash = [k for k in _HEAD_KEYS if k in params]
+        if clash:
+            raise ValueError(f"{name}: the encoder parameters must not use the names {clash}, which hold the "
+                             "prototype-initialised output layer; rename that submodule")
+        inner_validate(params, tasks, vmapped, batched)
+
+    fn.validate = validate  # type: ignore[attr-defined]
+
+
+def proto_maml(encoder: ModelFn, *, inner_lr: float = 0.1, head_lr: float | None = None, steps: int = 1,
+               ways: int | None = None, first_order: bool = False, adapt: Selector = None) -> MetaLearner:
+    """ProtoMAML (Triantafillou et al., 2020): MAML over ``encoder`` plus an output layer initialised per task from
+    the support prototypes (``W_k = 2 c_k``, ``b_k = -||c_k||^2``), with the exact second-order meta-gradient
+    through ``steps`` inner SGD steps.
+
+    The inner loop adapts the encoder parameters chosen by ``adapt`` (all by default) with ``inner_lr`` and the
+    output layer (``"proto_head.weight"``, ``"proto_head.bias"`` in the task parameters) with ``head_lr`` (defaults
+    to ``inner_lr``). The output layer starts detached and is rewritten ``gamma + stopgrad(phi - gamma)`` after the
+    loop, so the meta-gradient reaches the encoder through the adapted encoder and through the prototypes.
+    ``first_order=True`` is :func:`fo_proto_maml`.
+
+    Example:
+        >>> import torch
+        >>> from metafunc import Task, functionalize, meta_batch
+        >>> encoder, params = functionalize(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU()))
+        >>> learner = proto_maml(encoder, inner_lr=0.1, head_lr=0.5, steps=2)
+        >>> tasks = Task(torch.randn(2, 6, 4), torch.tensor([[0, 0, 1, 1, 2, 2]] * 2),
+        ...              torch.randn(2, 3, 4), torch.tensor([[0, 1, 2]] * 2))
+        >>> loss, metrics = meta_batch(learner.meta_loss)(params, tasks)
+        >>> loss.backward()
+    """
+    return _proto_maml("fo_proto_maml" if first_order else "proto_maml", encoder, inner_lr=inner_lr,
+                       head_lr=head_lr, steps=steps, first_order=first_order, two_pass=False, ways=ways, adapt=adapt)
+
+
+def fo_proto_maml(encoder: ModelFn, *, inner_lr: float = 0.1, head_lr: float | None = None, steps: int = 1,
+                  ways: int | None = None, two_pass: bool = False, adapt: Selector = None) -> MetaLearner:
+    """fo-ProtoMAML: first order in the inner loop (``d phi / d theta = I``), exact through the prototypes.
+
+    ``two_pass=True`` computes the same meta-gradient with only one graph alive at a time: (a) prototypes without a
+    graph, the inner loop, the query loss and its gradient w.r.t. the adapted encoder, keeping the detached query
+    features; (b) the prototypes again with a graph, the output-layer rewrite, the stored features through the
+    output layer, backpropagated into the encoder; the sum of (a) and (b). Both gradients are taken inside
+    ``meta_loss`` with :func:`torch.func.grad`, which returns a loss whose value is the query loss and whose
+    gradient w.r.t. the parameters is that meta-gradient, so ``meta_batch`` (vmap or loop) and ``loss.backward()``
+    work as usual. Its derivatives of order two and higher are not those of the query loss (it is a first-order
+    method). Costs one more encoder forward over the support set.
+
+    Example:
+        >>> import torch
+        >>> from metafunc import Task, functionalize, meta_batch
+        >>> encoder, params = functionalize(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU()))
+        >>> learner = fo_proto_maml(encoder, inner_lr=0.1, steps=3, two_pass=True)
+        >>> tasks = Task(torch.randn(2, 6, 4), torch.tensor([[0, 0, 1, 1, 2, 2]] * 2),
+        ...              torch.randn(2, 3, 4), torch.tensor([[0, 1, 2]] * 2))
+        >>> loss, metrics = meta_batch(learner.meta_loss)(params, tasks)
+        >>> loss.backward()
+    """
+    return _proto_maml("fo_proto_maml", encoder, inner_lr=inner_lr, head_lr=head_lr, steps=steps, first_order=True,
+                       two_pass=two_pass, ways=ways, adapt=adapt)
