@@ -102,8 +102,8 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError,
             UnicodeDecodeError, AttributeError, ImportError, KeyError, TypeError) as e:
         raise ValueError(
-            f"load_checkpoint: {str(path)!r} is not a metafunc checkpoint (torch.load failed: "
-            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); pass a file written by "
+            f"load_checkpoint: {str(path)!r} is not a metafunc checkpoint (torch.load could not read it: "
+            f"{type(e).__name__}); pass a file written by "
             "`metafunc train` (OUT/checkpoint.pt)"
         ) from e
     if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
