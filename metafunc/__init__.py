@@ -13,6 +13,9 @@ from .functional import FunctionalModel, check_params, functionalize
 from .inner import first_order, inner_loop, sgd_step
 from .norm import BatchNorm, GroupNorm, LayerNorm, convert_norm_layers, find_torch_norm_layers
 from .sinusoid import SinusoidTasks, sinusoid_tasks
+from . import paths
+from .paths import GRADIENT_PATHS, checkpointed_maml, conjugate_gradient, gradient_path, imaml, one_step
+from .resnet import resnet18
 
 __version__ = "0.1.0"
 
@@ -26,6 +29,9 @@ __all__ = [
     # algorithms
     "MetaLearner", "maml", "fomaml", "anil", "boil", "meta_sgd", "reptile", "with_steps", "META_SGD_LR_PREFIX",
     "protonet", "matching_net", "proto_maml", "fo_proto_maml", "prototypes", "prototype_head",
+    # gradient paths for long inner loops
+    "paths", "GRADIENT_PATHS", "gradient_path", "checkpointed_maml", "imaml", "one_step", "conjugate_gradient",
+    "resnet18",
     # tasks and models
     "sinusoid_tasks", "SinusoidTasks", "models", "tree",
 ]
