@@ -518,7 +518,7 @@ def train(config: TrainConfig, *, resume: bool | str | os.PathLike = False,
             if metrics_file is not None:
                 metrics_file.write(json.dumps(rec) + "\n")
             done = it + 1
-            if is_main and cfg.val_every and (done % cfg.val_every == 0 or done == cfg.iterations):
+            if is_main and ((cfg.val_every and done % cfg.val_every == 0) or done == cfg.iterations):
                 last_val = _validate(exp, cfg, params, done)
                 records.append(last_val)
                 if metrics_file is not None:

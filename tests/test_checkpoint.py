@@ -1,0 +1,122 @@
+"""Checkpoints: round trip, atomic writes that survive a crash mid-save, and clear errors for wrong files."""
+
+import os
+import pickle
+
+import pytest
+import torch
+
+from metafunc import functionalize, models
+from metafunc.checkpoint import (CHECKPOINT_FORMAT, check_compatible, load_checkpoint, param_signature,
+                                 save_checkpoint)
+
+
+def _state(scale=1.0):
+    torch.manual_seed(0)
+    _, params = functionalize(models.mlp(hidden=(4,)))
+    params = {k: v.detach() * scale for k, v in params.items()}
+    opt = torch.optim.Adam([p.clone().requires_grad_() for p in params.values()], lr=1e-3)
+    return {"params": params, "optimizer": opt.state_dict(), "iteration": 5, "config": {"ways": 5},
+            "rng": {"tasks": torch.Generator().manual_seed(3).get_state()}}
+
+
+def test_round_trip_keeps_every_tensor_and_the_format_tag(tmp_path):
+    state = _state()
+    path = save_checkpoint(tmp_path / "sub" / "ckpt.pt", state)
+    loaded = load_checkpoint(path)
+    assert loaded["format"] == CHECKPOINT_FORMAT
+    assert loaded["iteration"] == 5 and loaded["config"] == {"ways": 5}
+    assert all(torch.equal(loaded["params"][k], v) for k, v in state["params"].items())
+    assert torch.equal(loaded["rng"]["tasks"], state["rng"]["tasks"])
+    assert os.listdir(tmp_path / "sub") == ["ckpt.pt"]  # no temporary file left behind
+
+
+def test_a_crash_while_saving_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, _state(1.0))
+
+    real_save = torch.save
+
+    def crashing_save(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        f.seek(0)
+        f.truncate(100)  # half-written file, then the process "dies"
+        raise KeyboardInterrupt("simulated crash during save")
+
+    monkeypatch.setattr(torch, "save", crashing_save)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, _state(2.0))
+    monkeypatch.setattr(torch, "save", real_save)
+    loaded = load_checkpoint(path)
+    expected = _state(1.0)["params"]
+    assert all(torch.equal(loaded["params"][k], v) for k, v in expected.items())
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def test_missing_file_is_a_file_not_found_error_with_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"load_checkpoint: no checkpoint at .*nope\.pt"):
+        load_checkpoint(tmp_path / "nope.pt")
+
+
+@pytest.mark.parametrize("content", [b"hello, not a checkpoint\n", b"", b"PK\x03\x04garbage"],
+                         ids=["text", "empty", "broken-zip"])
+def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path, content):
+    path = tmp_path / "bad.pt"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=r"load_checkpoint: .*bad\.pt' is not a metafunc checkpoint"):
+        load_checkpoint(path)
+
+
+def test_a_truncated_checkpoint_is_refused(tmp_path):
+    path = save_checkpoint(tmp_path / "ckpt.pt", _state())
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="is not a metafunc checkpoint"):
+        load_checkpoint(path)
+
+
+def test_a_torch_file_without_the_format_tag_is_refused(tmp_path):
+    torch.save({"weight": torch.zeros(2)}, tmp_path / "plain.pt")
+    with pytest.raises(ValueError, match=r"is a torch file but not a metafunc checkpoint .*keys \['weight'\]"):
+        load_checkpoint(tmp_path / "plain.pt")
+
+
+def test_a_pickled_object_is_not_executed(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    with open(tmp_path / "evil.pt", "wb") as f:
+        pickle.dump({"format": CHECKPOINT_FORMAT, "x": Evil()}, f, protocol=2)
+    with pytest.raises(ValueError, match="is not a metafunc checkpoint"):
+        load_checkpoint(tmp_path / "evil.pt")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_checkpoint_of_another_model_names_the_differences():
+    ckpt = {"params": _state()["params"], "config": {"ways": 5}}
+    _, other = functionalize(models.mlp(hidden=(6,)))
+    with pytest.raises(ValueError, match=r"from another model \(shapes differ body\.0\.weight: checkpoint \[4, 1\] "
+                                         r"vs model \[6, 1\]"):
+        check_compatible(ckpt, other)
+    _, conv = functionalize(models.conv4(ways=5, width=4))
+    with pytest.raises(ValueError, match=r"from another model \(missing \['features"):
+        check_compatible(ckpt, conv)
+
+
+def test_checkpoint_of_another_configuration_names_the_setting():
+    ckpt = {"params": _state()["params"], "config": {"ways": 5, "shots": 1}}
+    check_compatible(ckpt, ckpt["params"], config={"ways": 5, "shots": 1}, keys=("ways", "shots"))
+    with pytest.raises(ValueError, match=r"another configuration \(shots: checkpoint 1 vs now 5\)"):
+        check_compatible(ckpt, ckpt["params"], config={"ways": 5, "shots": 5}, keys=("ways", "shots"))
+
+
+def test_save_rejects_a_folder_and_a_non_dict(tmp_path):
+    with pytest.raises(ValueError, match="save_checkpoint: path .* is a folder"):
+        save_checkpoint(tmp_path, {"a": 1})
+    with pytest.raises(TypeError, match="save_checkpoint: state must be a dict"):
+        save_checkpoint(tmp_path / "x.pt", [1, 2])
+
+
+def test_param_signature():
+    assert param_signature({"w": torch.zeros(2, 3)}) == {"w": [2, 3]}

@@ -1,0 +1,209 @@
+"""The meta-training loop: exact resume, crash safety, rank-aware writing, the replaceable meta-gradient step, the
+meta-gradient it computes (float64, vmap and loop, against an autograd loop), and evaluation statistics."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from metafunc import functionalize, maml, meta_batch, models
+from metafunc.checkpoint import load_checkpoint
+from metafunc.evaluation import BATCHNORM_PROTOCOL, confidence_interval, evaluate_episodes, task_scores
+from metafunc.training import (GaussianClassification, SinusoidSource, TrainConfig, build_experiment, meta_gradient,
+                               resolve_config, train)
+from metafunc.tree import tree_relative_error
+
+
+def _cfg(tmp_path, name, **kw):
+    base = dict(dataset="synthetic", iterations=6, meta_batch=3, width=8, val_every=0, val_episodes=3,
+                checkpoint_every=0, out=str(tmp_path / name))
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _train_records(out):
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if json.loads(line)["split"] == "train"]
+
+
+@pytest.mark.parametrize("dataset,algorithm", [("synthetic", "maml"), ("sinusoid", "meta_sgd")])
+def test_resumed_run_matches_an_uninterrupted_one_bit_for_bit(tmp_path, dataset, algorithm):
+    full = train(_cfg(tmp_path, "full", dataset=dataset, algorithm=algorithm), progress=False)
+    part = _cfg(tmp_path, "part", dataset=dataset, algorithm=algorithm)
+    first = train(part, progress=False, stop_after=3)
+    assert load_checkpoint(first.out / "checkpoint.pt")["iteration"] == 3
+    resumed = train(part, resume=True, progress=False)
+    assert full.params.keys() == resumed.params.keys()
+    for k in full.params:
+        assert torch.equal(full.params[k], resumed.params[k]), k
+    full_opt = load_checkpoint(full.out / "checkpoint.pt")["optimizer"]["state"]
+    resumed_opt = load_checkpoint(resumed.out / "checkpoint.pt")["optimizer"]["state"]
+    for i in full_opt:
+        assert torch.equal(full_opt[i]["exp_avg_sq"], resumed_opt[i]["exp_avg_sq"])
+    a, b = _train_records(full.out), _train_records(resumed.out)
+    assert [r["iteration"] for r in b] == [1, 2, 3, 4, 5, 6]
+    assert a == b  # same losses at every iteration, each logged once
+
+
+def test_crash_mid_training_keeps_the_last_checkpoint_and_resume_completes_the_run(tmp_path):
+    calls = {"n": 0}
+
+    def crashing(batched, params, tasks):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise RuntimeError("simulated crash at iteration 5")
+        return meta_gradient(batched, params, tasks)
+
+    cfg = _cfg(tmp_path, "crash", checkpoint_every=2)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(cfg, progress=False, meta_gradient_fn=crashing)
+    assert load_checkpoint(tmp_path / "crash" / "checkpoint.pt")["iteration"] == 4
+    assert sorted(p.name for p in (tmp_path / "crash").iterdir()) == ["checkpoint.pt", "config.json", "metrics.jsonl"]
+    resumed = train(cfg, resume=True, progress=False)
+    full = train(_cfg(tmp_path, "full", checkpoint_every=2), progress=False)
+    assert tree_relative_error(resumed.params, full.params) == 0.0
+    assert [r["iteration"] for r in _train_records(resumed.out)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_refuses_another_configuration_and_a_finished_run(tmp_path):
+    cfg = _cfg(tmp_path, "run", iterations=2)
+    train(cfg, progress=False)
+    with pytest.raises(ValueError, match=r"train --resume: the checkpoint is from another configuration \(inner_lr: "
+                                         r"checkpoint 0.4 vs now 0.1\)"):
+        train(_cfg(tmp_path, "run", iterations=4, inner_lr=0.1), resume=True, progress=False)
+    with pytest.raises(ValueError, match="has already done 2 iterations; pass --iterations larger than 2"):
+        train(cfg, resume=True, progress=False)
+    with pytest.raises(ValueError, match="from another model"):
+        train(_cfg(tmp_path, "run", iterations=4, width=4), resume=True, progress=False)
+
+
+def test_outputs_metrics_validation_and_plot(tmp_path):
+    result = train(_cfg(tmp_path, "run", iterations=4, val_every=2), progress=False)
+    names = sorted(p.name for p in result.out.iterdir())
+    assert names == ["checkpoint.pt", "config.json", "learning_curve.png", "metrics.jsonl"]
+    records = [json.loads(x) for x in (result.out / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in records if r["split"] == "val"]
+    assert [r["iteration"] for r in val] == [2, 4]
+    assert all(0.0 <= r["accuracy"] <= 1.0 and r["episodes"] == 3 and r["inner_steps"] == 3 for r in val)
+    train_recs = [r for r in records if r["split"] == "train"]
+    assert len(train_recs) == 4 and all(math.isfinite(r["loss"]) and "accuracy" in r for r in train_recs)
+    assert json.loads((result.out / "config.json").read_text())["meta_batch"] == 3
+    assert (result.out / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_only_the_main_process_writes(tmp_path, monkeypatch):
+    result = train(_cfg(tmp_path, "worker", iterations=2), progress=False, is_main=False)
+    assert not (tmp_path / "worker").exists()
+    assert [r["iteration"] for r in result.records] == [1, 2]
+    monkeypatch.setenv("RANK", "1")
+    train(_cfg(tmp_path, "rank1", iterations=1), progress=False)
+    assert not (tmp_path / "rank1").exists()
+
+
+def test_the_meta_gradient_step_is_replaceable(tmp_path):
+    seen = []
+
+    def halved(batched, params, tasks):
+        seen.append(tasks.num_tasks)
+        loss, metrics = meta_gradient(batched, params, tasks)
+        for p in params.values():
+            p.grad.mul_(0.0)  # a step that zeroes the gradient leaves the weights where they were
+        return loss, metrics
+
+    cfg = _cfg(tmp_path, "zero", iterations=3)
+    before = build_experiment(cfg).params
+    result = train(cfg, progress=False, meta_gradient_fn=halved)
+    assert seen == [3, 3, 3]
+    assert tree_relative_error(result.params, before) == 0.0
+
+
+@pytest.mark.parametrize("mode", ["vmap", "loop"])
+def test_training_meta_gradient_equals_an_autograd_loop_in_float64(float64, mode):
+    torch.manual_seed(1)
+    model, params = functionalize(models.mlp(in_features=3, hidden=(6,), out_features=4, norm="layer"))
+    learner = maml(model, inner_lr=0.3, steps=2)
+    tasks = GaussianClassification(ways=4, shots=2, queries=3, dim=3, dtype=torch.float64).sample(
+        3, torch.Generator().manual_seed(0))
+    loss, _ = meta_gradient(meta_batch(learner.meta_loss, mode=mode), params, tasks)
+    got = {k: v.grad.clone() for k, v in params.items()}
+
+    reference = {k: torch.zeros_like(v) for k, v in params.items()}
+    total = 0.0
+    for i in range(tasks.num_tasks):
+        t = tasks.task_at(i)
+        fast = dict(params)
+        for _ in range(2):
+            inner = F.cross_entropy(model(fast, t.support_x), t.support_y)
+            grads = torch.autograd.grad(inner, list(fast.values()), create_graph=True)
+            fast = {k: w - 0.3 * g for (k, w), g in zip(fast.items(), grads)}
+        outer = F.cross_entropy(model(fast, t.query_x), t.query_y) / tasks.num_tasks
+        total += float(outer.detach())
+        for k, g in zip(params, torch.autograd.grad(outer, list(params.values()))):
+            reference[k] += g
+    assert tree_relative_error(got, reference) < 1e-10
+    assert abs(float(loss) - total) < 1e-12
+
+
+def test_config_defaults_follow_the_papers_and_bad_values_are_refused():
+    omni = resolve_config(TrainConfig(dataset="omniglot"))
+    assert (omni.meta_batch, omni.inner_lr, omni.inner_steps, omni.eval_inner_steps, omni.outer_lr) == (32, 0.4, 1, 3,
+                                                                                                         1e-3)
+    sin = resolve_config(TrainConfig())
+    assert (sin.shots, sin.meta_batch, sin.inner_lr, sin.inner_steps, sin.outer_lr) == (10, 25, 0.01, 1, 1e-3)
+    with pytest.raises(ValueError, match=r"train: inner_lr must be > 0 \(got -0.1\)"):
+        resolve_config(TrainConfig(inner_lr=-0.1))
+    with pytest.raises(ValueError, match=r"train: unknown algorithm 'mamll'; choose one of .*maml"):
+        resolve_config(TrainConfig(algorithm="mamll"))
+    with pytest.raises(ValueError, match="'protonet' is a few-shot classifier; use it with --dataset omniglot"):
+        resolve_config(TrainConfig(algorithm="protonet"))
+    with pytest.raises(ValueError, match=r"train: meta_batch must be >= 1 \(got 0\)"):
+        resolve_config(TrainConfig(meta_batch=0))
+    with pytest.raises(ValueError, match="train: ways must be >= 2 for classification"):
+        resolve_config(TrainConfig(dataset="synthetic", ways=1))
+
+
+def test_omniglot_with_a_missing_data_root_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"train: data root '.*nowhere' does not exist"):
+        train(TrainConfig(dataset="omniglot", data_root=str(tmp_path / "nowhere"), out=str(tmp_path / "o")),
+              progress=False)
+
+
+def test_confidence_interval_is_1_96_std_over_sqrt_n():
+    values = torch.tensor([0.6, 0.8, 1.0, 0.4, 0.7])
+    mean, ci, std = confidence_interval(values)
+    expected_std = math.sqrt(sum((v - 0.7) ** 2 for v in [0.6, 0.8, 1.0, 0.4, 0.7]) / 4)
+    assert mean == pytest.approx(0.7) and std == pytest.approx(expected_std)
+    assert ci == pytest.approx(1.96 * expected_std / math.sqrt(5))
+    with pytest.raises(ValueError, match="confidence_interval: values is empty"):
+        confidence_interval(torch.zeros(0))
+
+
+def test_task_scores_without_adaptation_is_the_plain_query_error():
+    model, params = functionalize(models.mlp(hidden=(8,)))
+    tasks = SinusoidSource(shots=5, queries=7).sample(4, torch.Generator().manual_seed(0))
+    learner = maml(model, inner_lr=0.01, loss="mse")
+    with torch.no_grad():
+        expected = torch.stack([F.mse_loss(model(params, tasks.query_x[i]), tasks.query_y[i]) for i in range(4)])
+    for mode in ("vmap", "loop"):
+        assert torch.allclose(task_scores(learner, params, tasks, steps=0, classification=False, mode=mode), expected)
+    adapted = task_scores(learner, params, tasks, steps=1, classification=False)
+    fast = [learner.adapt(params, tasks.support_x[i], tasks.support_y[i])[0] for i in range(4)]
+    with torch.no_grad():
+        manual = torch.stack([F.mse_loss(model(fast[i], tasks.query_x[i]), tasks.query_y[i]) for i in range(4)])
+    assert torch.allclose(adapted, manual, atol=1e-6)
+
+
+def test_evaluate_episodes_counts_episodes_and_is_seeded():
+    model, params = functionalize(models.mlp(in_features=8, hidden=(8,), out_features=3))
+    learner = maml(model, inner_lr=0.4)
+    src = GaussianClassification(ways=3, shots=1, queries=2)
+    a = evaluate_episodes(learner, params, src, episodes=7, steps=2, classification=True,
+                          generator=torch.Generator().manual_seed(0), batch=3)
+    b = evaluate_episodes(learner, params, src, episodes=7, steps=2, classification=True,
+                          generator=torch.Generator().manual_seed(0), batch=3)
+    assert a.episodes == 7 and a.metric == "accuracy" and 0.0 <= a.mean <= 1.0
+    assert a.mean == pytest.approx(b.mean) and a.ci95 == pytest.approx(b.ci95)
+    assert "95% CI, 7 episodes, 2 inner steps" in a.format()
+    assert BATCHNORM_PROTOCOL == "transductive: BatchNorm uses each task's batch statistics"
