@@ -50,7 +50,9 @@ __all__ = [
     "shard_tasks",
     "task_seed",
     "sample_shard",
+    "ShardedSource",
     "all_reduce_meta_grads",
+    "distributed_meta_gradient",
     "sharded_meta_grad",
     "broadcast_object",
     "barrier",
@@ -346,6 +348,45 @@ def sample_shard(
     return Task(*(torch.cat(fields) for fields in zip(*parts)))
 
 
+class ShardedSource:
+    """A task source that draws only this rank's share of each meta-batch: ``sample(meta_batch, generator)``.
+
+    Each call takes one seed from ``generator`` (so the generator advances identically on every rank and a
+    checkpoint's generator state is valid for any number of ranks), then draws task ``i`` of the meta-batch with
+    its own generator seeded by ``task_seed(seed, 0, i)`` for the indices of :func:`shard_range`. The concatenation
+    of the shards of all ranks is the same meta-batch for any ``world_size``, so a run with 2 ranks equals one with
+    1 rank, and ``--resume`` with another number of ranks continues the same run.
+
+    Example:
+        >>> from metafunc import sinusoid_tasks
+        >>> draw = lambda n, g: sinusoid_tasks(n, shots=5, generator=g)
+        >>> shards = [ShardedSource(draw, rank=r, world_size=2).sample(5, torch.Generator().manual_seed(0))
+        ...           for r in range(2)]
+        >>> whole = ShardedSource(draw).sample(5, torch.Generator().manual_seed(0))
+        >>> [s.num_tasks for s in shards], torch.equal(torch.cat([s.query_y for s in shards]), whole.query_y)
+        ([3, 2], True)
+    """
+
+    def __init__(self, source: Any, *, rank: int = 0, world_size: int = 1):
+        draw = getattr(source, "sample", source)
+        if not callable(draw):
+            raise TypeError("ShardedSource: source must have .sample(num_tasks, generator) or be callable as "
+                            f"source(num_tasks, generator) (got {type(source).__name__})")
+        _check_world("ShardedSource", rank, world_size)
+        self.source, self.rank, self.world_size = source, rank, world_size
+
+    def sample(self, meta_batch: int, generator: torch.Generator) -> Task:
+        """This rank's share of a meta-batch of ``meta_batch`` tasks (on the generator's device)."""
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"ShardedSource.sample: generator must be a torch.Generator (got {type(generator).__name__})")
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
+        return sample_shard(self.source, meta_batch, seed=seed, step=0, rank=self.rank, world_size=self.world_size,
+                            device=generator.device)
+
+    def __repr__(self) -> str:
+        return f"ShardedSource({self.source!r}, rank={self.rank}, world_size={self.world_size})"
+
+
 @contextmanager
 def _collective(what: str) -> Iterator[None]:
     try:
@@ -453,6 +494,30 @@ def all_reduce_meta_grads(
     for p, g in zip(tensors, reduced):
         p.grad = g
     return loss, out_metrics
+
+
+def distributed_meta_gradient(
+    batched_loss: Callable[[Params, Task], tuple[Tensor, Metrics]],
+    params: Params,
+    tasks: Task,
+) -> tuple[Tensor, Metrics]:
+    """The meta-gradient step of a distributed training loop: ``batched_loss(params, shard)``, ``backward()``, then
+    :func:`all_reduce_meta_grads`; ``.grad`` holds the whole meta-batch's meta-gradient and the returned loss and
+    metrics are whole-batch means. Pass it as ``metafunc.training.train(..., meta_gradient_fn=...)``.
+
+    Example:
+        >>> from metafunc import functionalize, maml, meta_batch, sinusoid_tasks
+        >>> model, params = functionalize(torch.nn.Linear(1, 1))
+        >>> tasks = sinusoid_tasks(3, shots=5, generator=torch.Generator().manual_seed(0))
+        >>> loss, metrics = distributed_meta_gradient(meta_batch(maml(model, loss="mse").meta_loss), params, tasks)
+        >>> params["weight"].grad.shape
+        torch.Size([1, 1])
+    """
+    loss, metrics = batched_loss(params, tasks)
+    loss.backward()
+    loss, metrics = all_reduce_meta_grads(params, Task(*tasks).num_tasks, loss.detach(),
+                                          {k: v.detach() for k, v in metrics.items()})
+    return loss, metrics  # type: ignore[return-value]
 
 
 def sharded_meta_grad(
