@@ -167,9 +167,6 @@ def _convert_one(m: nn.Module, batch_norm: str) -> nn.Module | None:
                 "this one has track_running_stats=False (use batch_norm='batch_stats')"
             )
         new: nn.Module = BatchNorm(m.num_features, m.eps, m.affine, use_running_stats=use_running)
-        if use_running:
-            new.running_mean.copy_(m.running_mean)  # type: ignore[operator]
-            new.running_var.copy_(m.running_var)  # type: ignore[operator]
     elif isinstance(m, nn.modules.instancenorm._InstanceNorm):
         if m.track_running_stats:
             raise ValueError("convert_norm_layers: InstanceNorm with track_running_stats=True is not supported")
@@ -180,14 +177,18 @@ def _convert_one(m: nn.Module, batch_norm: str) -> nn.Module | None:
         new = GroupNorm(m.num_groups, m.num_channels, m.eps, m.affine)
     else:
         return None
+    # Match device and dtype first, then copy: copying into the default-dtype layer would round float64 weights.
+    ref = next((t for t in (getattr(m, "weight", None), getattr(m, "running_mean", None)) if t is not None), None)
+    if ref is not None:
+        new.to(device=ref.device, dtype=ref.dtype)
     with torch.no_grad():
         if getattr(m, "weight", None) is not None:
             new.weight.copy_(m.weight)  # type: ignore[union-attr]
         if getattr(m, "bias", None) is not None:
             new.bias.copy_(m.bias)  # type: ignore[union-attr]
-    ref = getattr(m, "weight", None)
-    if ref is not None:
-        new.to(device=ref.device, dtype=ref.dtype)
+        if isinstance(new, BatchNorm) and new.use_running_stats:
+            new.running_mean.copy_(m.running_mean)  # type: ignore[operator]
+            new.running_var.copy_(m.running_var)  # type: ignore[operator]
     return new
 
 
