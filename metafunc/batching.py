@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import torch
 from torch import Tensor
@@ -21,6 +22,26 @@ def _split(out: Any) -> tuple[Tensor, Metrics]:
     if isinstance(out, tuple) and len(out) == 2:
         return out[0], out[1]
     return out, {}
+
+
+@contextlib.contextmanager
+def _no_attention_fast_path() -> Iterator[None]:
+    """Turn off the inference fast path of ``nn.MultiheadAttention``/``nn.TransformerEncoderLayer`` for a while.
+
+    Under ``vmap`` a batched tensor reports ``requires_grad=False`` even when it is being differentiated, so an
+    eval-mode transformer would take its fused, non-differentiable fast path (and torch's fused layer norm) inside
+    the meta-batch; the regular path computes the same values with differentiable ops.
+    """
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not hasattr(mha, "get_fastpath_enabled"):
+        yield
+        return
+    previous = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(previous)
 
 
 def meta_batch(
@@ -72,8 +93,9 @@ def meta_batch(
         else:
             tasks = Task(*tasks)
         if mode == "vmap":
-            loss, metrics = vmap(lambda t: _split(per_task(params, t)), in_dims=(0,), chunk_size=chunk_size,
-                                 randomness="error")(tasks)
+            with _no_attention_fast_path():
+                loss, metrics = vmap(lambda t: _split(per_task(params, t)), in_dims=(0,), chunk_size=chunk_size,
+                                     randomness="error")(tasks)
         else:
             outs = [_split(per_task(params, tasks.task_at(i))) for i in range(tasks.num_tasks)]
             loss = torch.stack([o[0] for o in outs])
