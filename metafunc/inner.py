@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Callable
 
@@ -26,6 +27,22 @@ def sgd_step(params: Params, grads: Params, lr: float | Params) -> Params:
     if isinstance(lr, dict):
         return {**params, **{k: params[k] - lr[k] * g for k, g in grads.items()}}
     return {**params, **{k: params[k] - lr * g for k, g in grads.items()}}
+
+
+def _twice_differentiable_attention(enabled: bool) -> contextlib.AbstractContextManager:
+    """Make ``scaled_dot_product_attention`` use its math kernel while a second-order inner loop runs.
+
+    The fused CPU/flash attention kernels have no double backward ("derivative for
+    aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented"); the math kernel computes the
+    same values with ops that differentiate twice. Models without attention are unaffected.
+    """
+    if not enabled:
+        return contextlib.nullcontext()
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - torch < 2.3
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 def inner_loop(
@@ -70,6 +87,12 @@ def inner_loop(
         names = select(params, selector, caller="inner_loop")
         fast = dict(params)
         losses = []
+        with _twice_differentiable_attention(not first_order):
+            fast = _steps(fast, names, n, step_lr, x, y, losses)
+        return fast, torch.stack(losses) if losses else torch.zeros(0)
+
+    def _steps(fast: Params, names: list[str], n: int, step_lr: float | Params, x: Tensor, y: Tensor,
+               losses: list[Tensor]) -> Params:
         for _ in range(n):
             def loss_of_adapted(adapted: Params) -> Tensor:
                 return task_loss({**fast, **adapted}, x, y)
@@ -79,7 +102,7 @@ def inner_loop(
                 grads = {k: g.detach() for k, g in grads.items()}
             fast = sgd_step(fast, grads, step_lr)
             losses.append(loss.detach())
-        return fast, torch.stack(losses) if losses else torch.zeros(0)
+        return fast
 
     run.__name__ = "adapt"
     run.__doc__ = inner_loop.__doc__
