@@ -103,6 +103,17 @@ def attach_checks(
     def validate(params: Params, tasks: Task, vmapped: bool = True, batched: bool = True) -> None:
         check_params(params, model, caller=caller)
         tasks = check_task(tasks, caller=caller, batched=batched)
+        module = getattr(model, "module", None)
+        if isinstance(module, nn.Module):
+            tracking = [f"{name or '<root>'} ({type(m).__name__})" for name, m in module.named_modules()
+                        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.training]
+            if tracking:
+                raise ValueError(
+                    f"{caller}: the model has torch BatchNorm layers {tracking} in training mode that update running "
+                    "statistics in place, which torch.func transforms cannot do; convert them with "
+                    "metafunc.convert_norm_layers(module) before functionalize (or build them with "
+                    "track_running_stats=False)"
+                )
         torch_norms = getattr(model, "torch_norm_layers", [])
         if vmapped and second_order and torch_norms:
             raise ValueError(
