@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 __all__ = [
     "ALGORITHMS",
@@ -136,14 +137,16 @@ def reference_meta_gradient(
     ``kwargs``: ``algorithm`` (one of :data:`ALGORITHMS`), ``inner_lr``, ``steps``, ``loss``, ``head``.
     """
     leaves = _leaves(params)
-    objective = reference_meta_objective(module, leaves, tasks, **kwargs)
-    grads = torch.autograd.grad(objective, list(leaves.values()), allow_unused=True)
+    with sdpa_kernel([SDPBackend.MATH]):  # torch's fused attention kernels have no double backward
+        objective = reference_meta_objective(module, leaves, tasks, **kwargs)
+        grads = torch.autograd.grad(objective, list(leaves.values()), allow_unused=True)
     return {k: (g if g is not None else torch.zeros_like(v)) for (k, v), g in zip(leaves.items(), grads)}
 
 
 def reference_meta_loss_value(module: nn.Module, params: dict[str, Tensor], tasks: Sequence[Tensor], **kwargs) -> float:
     """The value of :func:`reference_meta_objective` at ``params`` (fresh leaves are made, so any tensors do)."""
-    return float(reference_meta_objective(module, _leaves(params), tasks, **kwargs).detach())
+    with sdpa_kernel([SDPBackend.MATH]):
+        return float(reference_meta_objective(module, _leaves(params), tasks, **kwargs).detach())
 
 
 def finite_difference_gradient(
