@@ -1,0 +1,246 @@
+"""Bad input gets a ValueError/TypeError naming the function, the argument and the fix, before any transform runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import metafunc.batching
+import metafunc.inner
+from metafunc import (Task, anil, boil, fomaml, functionalize, inner_loop, maml, meta_batch, meta_sgd, models,
+                      reptile, sinusoid_tasks)
+
+FACTORIES = [maml, fomaml, anil, boil, meta_sgd, reptile]
+
+
+@pytest.fixture
+def no_transform(monkeypatch):
+    """Make any vmap/grad transform inside metafunc fail the test: errors must come first, in plain Python."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a torch.func transform ran before the input was validated")
+
+    monkeypatch.setattr(metafunc.batching, "vmap", forbidden)
+    monkeypatch.setattr(metafunc.inner, "grad_and_value", forbidden)
+
+
+def _classifier():
+    torch.manual_seed(0)
+    model, params = functionalize(models.mlp(4, (8,), 3))
+    return model, params
+
+
+def _tasks(num_tasks=2, n_support=6, n_query=6, features=4, ways=3) -> Task:
+    g = torch.Generator().manual_seed(0)
+    return Task(torch.randn(num_tasks, n_support, features, generator=g),
+                torch.randint(0, ways, (num_tasks, n_support), generator=g),
+                torch.randn(num_tasks, n_query, features, generator=g),
+                torch.randint(0, ways, (num_tasks, n_query), generator=g))
+
+
+# --- factories ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("factory", FACTORIES, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("lr", [0.0, -0.1, float("nan"), float("inf")], ids=["zero", "negative", "nan", "inf"])
+def test_non_positive_inner_lr(factory, lr):
+    model, _ = _classifier()
+    with pytest.raises(ValueError, match=rf"^{factory.__name__}: inner_lr must be > 0 \(got {lr}\)"):
+        factory(model, inner_lr=lr)
+
+
+@pytest.mark.parametrize("factory", FACTORIES, ids=lambda f: f.__name__)
+def test_zero_steps(factory):
+    model, _ = _classifier()
+    with pytest.raises(ValueError, match=rf"^{factory.__name__}: steps must be >= 1 \(got 0\)"):
+        factory(model, steps=0)
+    with pytest.raises(TypeError, match=rf"^{factory.__name__}: steps must be an int \(got float 2.0\)"):
+        factory(model, steps=2.0)
+    with pytest.raises(TypeError, match=rf"^{factory.__name__}: steps must be an int \(got bool True\)"):
+        factory(model, steps=True)
+
+
+@pytest.mark.parametrize("factory", FACTORIES, ids=lambda f: f.__name__)
+def test_nn_module_passed_as_the_model(factory):
+    with pytest.raises(TypeError, match=rf"^{factory.__name__}: model must be a pure function model\(params, x\), "
+                                        r"not an nn.Module; use model, params = metafunc.functionalize\(module\)"):
+        factory(nn.Linear(2, 2))
+    with pytest.raises(TypeError, match=rf"^{factory.__name__}: model must be callable"):
+        factory("not a model")
+
+
+@pytest.mark.parametrize("factory", FACTORIES, ids=lambda f: f.__name__)
+def test_unknown_loss(factory):
+    model, _ = _classifier()
+    with pytest.raises(ValueError, match=rf"^{factory.__name__}: loss must be 'cross_entropy', 'mse' or a callable "
+                                         r"\(got 'l2'\)"):
+        factory(model, loss="l2")
+    with pytest.raises(TypeError, match=rf"^{factory.__name__}: loss must be .* \(got int\)"):
+        factory(model, loss=3)
+
+
+def test_non_bool_first_order():
+    model, _ = _classifier()
+    for factory in (maml, anil, boil, meta_sgd):
+        with pytest.raises(TypeError, match=rf"^{factory.__name__}: first_order must be a bool \(got 'yes'\)"):
+            factory(model, first_order="yes")
+
+
+def test_inner_loop_arguments():
+    with pytest.raises(TypeError, match="^inner_loop: task_loss must be callable"):
+        inner_loop(None, steps=1, lr=0.1)
+    with pytest.raises(ValueError, match=r"^inner_loop: steps must be >= 1 \(got 0\)"):
+        inner_loop(lambda p, x, y: x.sum(), steps=0, lr=0.1)
+    with pytest.raises(ValueError, match=r"^inner_loop: lr must be > 0 \(got -1\)"):
+        inner_loop(lambda p, x, y: x.sum(), steps=1, lr=-1)
+    with pytest.raises(TypeError, match=r"^inner_loop: lr must be a number \(got str '0.1'\)"):
+        inner_loop(lambda p, x, y: x.sum(), steps=1, lr="0.1")
+    adapt = inner_loop(lambda p, x, y: x.sum(), steps=1)
+    with pytest.raises(ValueError, match="^inner_loop: no learning rate; pass lr= to inner_loop or to the adapt call"):
+        adapt({"w": torch.ones(1)}, torch.ones(1), torch.ones(1))
+
+
+# --- meta_batch ------------------------------------------------------------------------------------------------
+
+
+def test_unknown_mode_and_reduce():
+    model, _ = _classifier()
+    learner = maml(model)
+    with pytest.raises(ValueError, match=r"^meta_batch: mode must be one of 'vmap', 'loop' \(got 'pmap'\)"):
+        meta_batch(learner.meta_loss, mode="pmap")
+    with pytest.raises(ValueError, match=r"^meta_batch: reduce must be one of 'mean', 'sum', 'none' \(got 'max'\)"):
+        meta_batch(learner.meta_loss, reduce="max")
+    with pytest.raises(TypeError, match="^meta_batch: per_task must be callable"):
+        meta_batch(None)
+
+
+@pytest.mark.parametrize("chunk_size, error, message", [
+    (0, ValueError, r"meta_batch: chunk_size must be >= 1 \(got 0\)"),
+    (-2, ValueError, r"meta_batch: chunk_size must be >= 1 \(got -2\)"),
+    (1.5, TypeError, r"meta_batch: chunk_size must be an int \(got float 1.5\)"),
+], ids=["zero", "negative", "float"])
+def test_bad_chunk_size(chunk_size, error, message):
+    model, _ = _classifier()
+    with pytest.raises(error, match="^" + message):
+        meta_batch(maml(model).meta_loss, chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize("mode", ["vmap", "loop"])
+def test_empty_meta_batch(no_transform, mode):
+    model, params = _classifier()
+    with pytest.raises(ValueError, match=r"^meta_batch: the meta-batch is empty \(0 tasks\); pass at least one task"):
+        meta_batch(maml(model).meta_loss, mode=mode)(params, _tasks(num_tasks=0))
+
+
+@pytest.mark.parametrize("mode", ["vmap", "loop"])
+def test_wrong_shapes_between_support_and_query(no_transform, mode):
+    model, params = _classifier()
+    run = meta_batch(maml(model).meta_loss, mode=mode)
+    good = _tasks()
+    with pytest.raises(ValueError, match=r"^meta_batch: support and query inputs have different example shapes "
+                                         r"\(\(4,\) and \(5,\)\)"):
+        run(params, good._replace(query_x=torch.randn(2, 6, 5)))
+    with pytest.raises(ValueError, match=r"^meta_batch: task.query_x and task.query_y disagree on the number of "
+                                         r"examples .*each example needs one target"):
+        run(params, good._replace(query_y=good.query_y[:, :4]))
+    with pytest.raises(ValueError, match=r"^meta_batch: every task tensor needs the same leading meta-batch size .*"
+                                         "stack tasks along dim 0"):
+        run(params, good._replace(query_x=good.query_x[:1], query_y=good.query_y[:1]))
+    with pytest.raises(ValueError, match=r"^meta_batch: support and query targets have different shapes"):
+        run(params, Task(good.support_x, good.support_y[..., None], good.query_x, good.query_y))
+    with pytest.raises(ValueError, match=r"^meta_batch: task.support_x holds no examples"):
+        run(params, good._replace(support_x=good.support_x[:, :0], support_y=good.support_y[:, :0]))
+    with pytest.raises(ValueError, match=r"^meta_batch: task.support_x and task.support_y need an examples dimension"):
+        run(params, Task(torch.randn(2), torch.randn(2), torch.randn(2), torch.randn(2)))
+
+
+@pytest.mark.parametrize("mode", ["vmap", "loop"])
+def test_task_of_the_wrong_type(no_transform, mode):
+    model, params = _classifier()
+    run = meta_batch(maml(model).meta_loss, mode=mode)
+    with pytest.raises(TypeError, match=r"^meta_batch: task must be a metafunc.Task\(support_x, support_y, query_x, "
+                                        r"query_y\) \(got dict\)"):
+        run(params, {"support_x": torch.ones(1)})
+    with pytest.raises(TypeError, match=r"^meta_batch: task.query_y must be a tensor \(got list\)"):
+        run(params, _tasks()._replace(query_y=[0, 1]))
+
+
+@pytest.mark.parametrize("factory", FACTORIES, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("mode", ["vmap", "loop"])
+def test_labels_out_of_range(no_transform, factory, mode):
+    model, params = _classifier()
+    learner = factory(model)
+    run = meta_batch(learner.meta_loss, mode=mode)
+    tasks = _tasks()
+    bad = tasks._replace(query_y=tasks.query_y.clone().index_fill_(1, torch.tensor([0]), 3))
+    with pytest.raises(ValueError, match=rf"^{factory.__name__}: task.query_y has labels in \[0, 3\] but the model has "
+                                         r"3 outputs; labels must be in \[0, 2\] \(relabel each task 0..ways-1\)"):
+        run(learner.init(params), bad)
+    negative = tasks._replace(support_y=tasks.support_y.clone().index_fill_(1, torch.tensor([2]), -1))
+    with pytest.raises(ValueError, match=rf"^{factory.__name__}: task.support_y has labels in \[-1, "):
+        run(learner.init(params), negative)
+    with pytest.raises(TypeError, match=rf"^{factory.__name__}: task.support_y must hold integer class labels for "
+                                        r"cross-entropy \(got torch.float32\)"):
+        run(learner.init(params), tasks._replace(support_y=tasks.support_y.float()))
+
+
+@pytest.mark.parametrize("factory", FACTORIES, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("mode", ["vmap", "loop"])
+def test_parameters_missing_from_the_dict(no_transform, factory, mode):
+    model, params = _classifier()
+    learner = factory(model)
+    meta_params = learner.init(params)
+    del meta_params["head.weight"]
+    with pytest.raises(ValueError, match=rf"^{factory.__name__}: params is missing \['head.weight'\]; pass the dict "
+                                         r"returned by functionalize\(module\) \(or learner.init\(params\)\)"):
+        meta_batch(learner.meta_loss, mode=mode)(meta_params, _tasks())
+    with pytest.raises(TypeError, match=rf"^{factory.__name__}: params must be a dict of tensors, as returned by "
+                                        r"functionalize \(got list\)"):
+        meta_batch(learner.meta_loss, mode=mode)(list(params.values()), _tasks())
+    with pytest.raises(TypeError, match=rf"^{factory.__name__}: params must hold tensors; \['head.bias'\] are not"):
+        meta_batch(learner.meta_loss, mode=mode)({**learner.init(params), "head.bias": 0.0}, _tasks())
+
+
+def test_meta_sgd_without_learning_rates_says_to_call_init():
+    model, params = functionalize(models.mlp(1, (8,), 1))
+    learner = meta_sgd(model, loss="mse", inner_lr=0.01)
+    tasks = sinusoid_tasks(2, shots=3, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"^meta_sgd: the meta-parameters lack learning rates for .*"
+                                         r"build them with learner.init\(params\)"):
+        meta_batch(learner.meta_loss)(params, tasks)
+
+
+def test_selector_that_matches_nothing():
+    model, params = _classifier()
+    with pytest.raises(ValueError, match=r"the parameter selector 'classifier' matches no parameter; the names are"):
+        meta_batch(anil(model, head="classifier").meta_loss)(params, _tasks())
+    with pytest.raises(TypeError, match=r"^boil: a parameter selector must be None, a name prefix, a list of prefixes "
+                                        r"or a predicate on names \(got 3\)"):
+        boil(model, head=3)
+
+
+def test_functionalize_rejects_a_non_module():
+    with pytest.raises(TypeError, match=r"^functionalize: module must be an nn.Module \(got function\)"):
+        functionalize(lambda x: x)
+
+
+def test_sinusoid_tasks_arguments():
+    with pytest.raises(TypeError, match=r"^sinusoid_tasks: generator must be a torch.Generator, e.g. "
+                                        r"torch.Generator\(\).manual_seed\(0\) \(got int\)"):
+        sinusoid_tasks(2, generator=0)
+    with pytest.raises(ValueError, match=r"^sinusoid_tasks: shots must be >= 1 \(got 0\)"):
+        sinusoid_tasks(2, shots=0, generator=torch.Generator())
+    with pytest.raises(ValueError, match=r"^sinusoid_tasks: num_tasks must be >= 1 \(got 0\)"):
+        sinusoid_tasks(0, generator=torch.Generator())
+
+
+def test_models_arguments():
+    with pytest.raises(ValueError, match=r"^conv4: width must be a positive int \(got 0\)"):
+        models.conv4(width=0)
+    with pytest.raises(ValueError, match=r"^conv4: image_size must be an int >= 16"):
+        models.conv4(image_size=8)
+    with pytest.raises(ValueError, match=r"^mlp: hidden must be positive ints \(got \(40, 0\)\)"):
+        models.mlp(hidden=(40, 0))
+    with pytest.raises(ValueError, match=r"^models: norm must be 'batch', 'layer', 'group' or 'none' \(got 'bn'\)"):
+        models.mlp(norm="bn")
