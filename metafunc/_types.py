@@ -60,24 +60,56 @@ class Task(NamedTuple):
 
 
 class ModelFn(Protocol):
-    """A pure model: ``model(params, x) -> output``."""
+    """A pure model: ``model(params, x) -> output`` (what :func:`metafunc.functionalize` returns).
+
+    Example:
+        >>> from metafunc import functionalize
+        >>> model, params = functionalize(torch.nn.Linear(2, 1))
+        >>> model(params, torch.ones(3, 2)).shape
+        torch.Size([3, 1])
+    """
 
     def __call__(self, params: Params, x: Tensor) -> Tensor: ...
 
 
 class LossFn(Protocol):
-    """``loss(prediction, target) -> scalar``."""
+    """``loss(prediction, target) -> scalar``; the learners also accept ``"mse"`` and ``"cross_entropy"``.
+
+    Example:
+        >>> def l1(prediction: Tensor, target: Tensor) -> Tensor:
+        ...     return (prediction - target).abs().mean()
+        >>> l1(torch.zeros(2), torch.ones(2))
+        tensor(1.)
+    """
 
     def __call__(self, prediction: Tensor, target: Tensor) -> Tensor: ...
 
 
 class AdaptFn(Protocol):
-    """``adapt(params, x, y) -> (adapted_params, support_losses)``, the inner loop of one task."""
+    """``adapt(params, x, y) -> (adapted_params, support_losses)``, the inner loop of one task.
+
+    Example:
+        >>> from metafunc import functionalize, inner_loop
+        >>> model, params = functionalize(torch.nn.Linear(1, 1))
+        >>> adapt = inner_loop(lambda p, x, y: ((model(p, x) - y) ** 2).mean(), steps=2, lr=0.1)
+        >>> fast, losses = adapt(params, torch.ones(4, 1), torch.zeros(4, 1))
+        >>> sorted(fast), losses.shape
+        (['bias', 'weight'], torch.Size([2]))
+    """
 
     def __call__(self, params: Params, x: Tensor, y: Tensor, **kwargs) -> tuple[Params, Tensor]: ...
 
 
 class PerTaskFn(Protocol):
-    """``fn(params, task) -> (loss, metrics)`` for one task; :func:`metafunc.meta_batch` batches it."""
+    """``fn(params, task) -> (loss, metrics)`` for one task; :func:`metafunc.meta_batch` batches it.
+
+    Example:
+        >>> from metafunc import functionalize, maml, meta_batch
+        >>> model, params = functionalize(torch.nn.Linear(1, 1))
+        >>> per_task = maml(model, inner_lr=0.1, loss="mse").meta_loss
+        >>> tasks = Task(torch.randn(3, 4, 1), torch.randn(3, 4, 1), torch.randn(3, 4, 1), torch.randn(3, 4, 1))
+        >>> loss, metrics = per_task(params, tasks.task_at(0))
+        >>> batched_loss, _ = meta_batch(per_task)(params, tasks)
+    """
 
     def __call__(self, params: Params, task: Task) -> tuple[Tensor, Metrics]: ...

@@ -31,7 +31,13 @@ def _norm(kind: str | None, features: int, spatial: bool) -> nn.Module:
 
 
 class MLP(nn.Module):
-    """A ReLU MLP ``body`` (Linear, optional norm, ReLU per hidden layer) and a linear ``head``."""
+    """A ReLU MLP ``body`` (Linear, optional norm, ReLU per hidden layer) and a linear ``head``; build it with :func:`mlp`.
+
+    Example:
+        >>> net = MLP(2, (16, 16), 3, norm="layer")
+        >>> [name for name, _ in net.named_children()], net(torch.randn(4, 2)).shape
+        (['body', 'head'], torch.Size([4, 3]))
+    """
 
     def __init__(self, in_features: int, hidden: Sequence[int], out_features: int, norm: str | None):
         super().__init__()
@@ -65,7 +71,15 @@ def mlp(in_features: int = 1, hidden: Sequence[int] = (40, 40), out_features: in
 
 
 class Conv4(nn.Module):
-    """Four blocks of 3x3 conv (``width`` filters), norm, ReLU, 2x2 max-pool; then a linear ``head``."""
+    """Four blocks of 3x3 conv (``width`` filters), norm, ReLU, 2x2 max-pool; then a linear ``head``.
+
+    Build it with :func:`conv4`; :meth:`embed` gives the flattened features before the head.
+
+    Example:
+        >>> net = Conv4(in_channels=1, ways=5, width=8, image_size=28, norm="batch")
+        >>> net.embed(torch.randn(2, 1, 28, 28)).shape, net.feature_dim
+        (torch.Size([2, 8]), 8)
+    """
 
     def __init__(self, in_channels: int, ways: int, width: int, image_size: int, norm: str | None):
         super().__init__()

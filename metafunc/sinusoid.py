@@ -19,7 +19,13 @@ INPUT_RANGE = (-5.0, 5.0)
 
 
 class SinusoidTasks(NamedTuple):
-    """A meta-batch of sinusoid tasks with the amplitudes and phases that generated them."""
+    """A meta-batch of sinusoid tasks with the amplitudes and phases that generated them.
+
+    Example:
+        >>> sampled = sinusoid_tasks(3, shots=5, generator=torch.Generator().manual_seed(0), return_parameters=True)
+        >>> sampled.task.support_x.shape, sampled.amplitude.shape
+        (torch.Size([3, 5, 1]), torch.Size([3]))
+    """
 
     task: Task
     amplitude: Tensor

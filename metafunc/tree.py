@@ -139,7 +139,7 @@ def tree_relative_error(a: Params, reference: Params) -> float:
 
     Example:
         >>> tree_relative_error({"w": torch.tensor([1.0, 1.0])}, {"w": torch.tensor([1.0, 2.0])})
-        0.4472135901451111
+        0.4472135954999579
     """
     if a.keys() != reference.keys():
         raise ValueError(f"tree_relative_error: the trees have different keys (differing: {sorted(set(a) ^ set(reference))})")

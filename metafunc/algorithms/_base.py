@@ -194,7 +194,15 @@ def build_learner(
 
 
 def with_steps(fn: Callable[..., tuple[Tensor, Metrics]], steps: int) -> Callable[[Params, Task], tuple[Tensor, Metrics]]:
-    """``fn`` with ``steps=`` bound, keeping its eager checks (for ``meta_batch(with_steps(learner.evaluate, 3))``)."""
+    """``fn`` with ``steps=`` bound, keeping its eager checks (for ``meta_batch(with_steps(learner.evaluate, 3))``).
+
+    Example:
+        >>> from metafunc import functionalize, maml, meta_batch, sinusoid_tasks
+        >>> model, params = functionalize(torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1)))
+        >>> learner = maml(model, inner_lr=0.01, steps=1, loss="mse")
+        >>> tasks = sinusoid_tasks(4, shots=5, generator=torch.Generator().manual_seed(0))
+        >>> after_10_steps, metrics = meta_batch(with_steps(learner.evaluate, 10))(params, tasks)
+    """
     bound = functools.wraps(fn)(functools.partial(fn, steps=steps))
     if hasattr(fn, "validate"):
         bound.validate = fn.validate  # type: ignore[attr-defined]
