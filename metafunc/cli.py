@@ -166,6 +166,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         cfg = train_config_from_args(args, base=saved)
         resume = ckpt_path
     cfg = resolve_config(cfg)
+    if cfg.threads is not None:
+        import torch
+        torch.set_num_threads(cfg.threads)
     is_main = default_is_main()
     progress = not args.no_progress
     if is_main:

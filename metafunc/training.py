@@ -461,7 +461,8 @@ def train(config: TrainConfig, *, resume: bool | str | os.PathLike = False,
     ``checkpoint_every`` iterations and at the end) and ``learning_curve.png``. ``resume=True`` continues from
     ``OUT/checkpoint.pt`` (or the path given): parameters, optimizer and generator states are restored, so the
     result equals an uninterrupted run bit for bit. ``stop_after`` ends the run early after that many iterations
-    (as if interrupted; used to test resuming).
+    (as if interrupted; used to test resuming). ``config.threads`` is applied by the ``metafunc`` command, not here
+    (a library call leaves torch's thread count alone).
 
     Example:
         >>> import tempfile
@@ -473,8 +474,6 @@ def train(config: TrainConfig, *, resume: bool | str | os.PathLike = False,
     cfg = resolve_config(config)
     if is_main is None:
         is_main = default_is_main()
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     exp = build_experiment(cfg)
     params = exp.params
