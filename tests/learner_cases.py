@@ -133,3 +133,20 @@ CASES: list[LearnerCase] = [
 def case_ids(cases: list[LearnerCase] | None = None) -> list[str]:
     """Readable parametrize ids."""
     return [c.id for c in (CASES if cases is None else cases)]
+
+# Metric learners and ProtoMAML (the MLP's output is the embedding; ProtoMAML adds its own output layer).
+from metafunc import fo_proto_maml, matching_net, proto_maml, protonet  # noqa: E402
+
+_LN_ENCODER = mlp_module(in_features=4, out_features=5, norm="layer")
+CASES += [
+    LearnerCase("protonet-layernorm-mlp", lambda m: protonet(m), _LN_ENCODER, feature_tasks()),
+    LearnerCase("matching_net-layernorm-mlp", lambda m: matching_net(m), _LN_ENCODER, feature_tasks()),
+    LearnerCase("matching_net-fce-layernorm-mlp", lambda m: matching_net(m, fce=True, feature_dim=5), _LN_ENCODER,
+                feature_tasks()),
+    LearnerCase("proto_maml-layernorm-mlp", lambda m: proto_maml(m, inner_lr=0.3, head_lr=0.5, steps=2), _LN_ENCODER,
+                feature_tasks()),
+    LearnerCase("fo_proto_maml-layernorm-mlp", lambda m: fo_proto_maml(m, inner_lr=0.3, steps=2), _LN_ENCODER,
+                feature_tasks()),
+    LearnerCase("fo_proto_maml-two_pass-layernorm-mlp", lambda m: fo_proto_maml(m, inner_lr=0.3, steps=2, two_pass=True),
+                _LN_ENCODER, feature_tasks()),
+]
