@@ -1,0 +1,58 @@
+"""pytest-benchmark suite: one meta-step of every gradient path on a small Conv-4, k = 1, 5, 20.
+
+The same cases as ``metafunc bench --model conv4``; each case first checks what it computes against the exact
+(unrolled) meta-gradient on the same parameters and tasks, then times one meta-step (forward + ``loss.backward()``).
+
+    python -m pytest benchmarks/test_gradient_paths.py --benchmark-only
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from metafunc.bench import BenchConfig, _setup
+from metafunc.batching import meta_batch
+from metafunc.paths import GRADIENT_PATHS, gradient_path
+
+pytest.importorskip("pytest_benchmark")
+
+CONFIG = BenchConfig(model="conv4", width=16, meta_batch=2, ways=5, shots=1, query=5, inner_lr=0.1)
+STEPS = (1, 5, 20)
+
+
+def _meta_step(path: str, steps: int):
+    model, params, tasks = _setup(CONFIG)
+    learner = gradient_path(path, model, inner_lr=CONFIG.inner_lr, steps=steps, loss="cross_entropy")
+    step = meta_batch(learner.meta_loss)
+
+    def run() -> dict[str, torch.Tensor]:
+        for p in params.values():
+            p.grad = None
+        loss, _ = step(params, tasks)
+        loss.backward()
+        return {k: v.grad.detach().clone() for k, v in params.items()}
+
+    return run
+
+
+def _cosine(a: dict, b: dict) -> float:
+    x = torch.cat([a[k].reshape(-1) for k in b]).double()
+    y = torch.cat([b[k].reshape(-1) for k in b]).double()
+    return float(x @ y / (x.norm() * y.norm()))
+
+
+@pytest.mark.parametrize("steps", STEPS, ids=lambda k: f"k{k}")
+@pytest.mark.parametrize("path", list(GRADIENT_PATHS))
+def test_meta_step(benchmark, path, steps):
+    torch.manual_seed(0)
+    run = _meta_step(path, steps)
+    exact = _meta_step("exact", steps)()
+    got = run()
+    cosine = _cosine(got, exact)
+    if path in ("exact", "checkpointed") or (path == "one_step" and steps == 1):
+        assert cosine > 1 - 1e-5, cosine
+    else:
+        assert 0 < cosine < 1, cosine   # an approximation: same direction, not the same gradient
+    benchmark.extra_info.update(path=path, steps=steps, cosine_vs_exact=cosine)
+    benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=1)
