@@ -160,3 +160,14 @@ def test_registry_builds_every_path_and_rejects_unknown_names():
         gradient_path("one_step", model, inner_lr=0.1, steps=2, checkpoints=2)
     with pytest.raises(ValueError, match="checkpointed_maml: checkpoints must be between 1 and steps=2"):
         gradient_path("checkpointed", model, inner_lr=0.1, steps=2, checkpoints=3)
+
+
+def test_torch_func_grad_over_the_meta_batch(float64):
+    # the surrogate loss carries the meta-gradient through torch.func.grad as well as through loss.backward()
+    net = _net()
+    model, params = functionalize(net)
+    tasks = _tasks()
+    reference = reference_maml_gradient(net, params, tasks, lr=LR, steps=3)
+    learner = checkpointed_maml(model, inner_lr=LR, steps=3)
+    got = torch.func.grad(lambda p: meta_batch(learner.meta_loss, validate=False)(p, tasks)[0])(params)
+    assert tree_relative_error(got, reference) < 1e-10
