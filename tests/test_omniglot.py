@@ -35,7 +35,10 @@ def omniglot_root(data_root: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("omniglot_cache")
+    """One cache folder per test session, shared with test_omniglot_training.py (the zips are decoded once)."""
+    path = tmp_path_factory.getbasetemp() / "omniglot_cache"
+    path.mkdir(exist_ok=True)
+    return path
 
 
 @pytest.fixture(scope="session")
