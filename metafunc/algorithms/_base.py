@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._types import AdaptFn, LossFn, Metrics, ModelFn, Params, PerTaskFn, Task
-from .._validation import check_labels, check_task
+from .._validation import check_labels, check_steps, check_task
 from ..functional import check_params
 
 __all__ = ["MetaLearner", "resolve_loss", "check_model", "task_metrics", "attach_checks", "LossSpec"]
@@ -161,6 +161,8 @@ def build_learner(
     """
 
     def adapt_task(params: Params, x: Tensor, y: Tensor, *, steps: int | None = None) -> tuple[Params, Tensor]:
+        if steps is not None:
+            check_steps(name, "steps", steps, minimum=0)
         model_params, kwargs = split(params)
         return adapt(model_params, x, y, steps=steps, **kwargs)
 
@@ -170,7 +172,10 @@ def build_learner(
         prediction = model(task_params, task.query_x)
         loss = loss_fn(prediction, task.query_y)
         metrics = task_metrics(prediction, task.query_y, loss, classification)
-        metrics["support_loss"] = support_losses[0]
+        if support_losses.numel():
+            metrics["support_loss"] = support_losses[0]
+        else:  # steps=0: no inner step was taken, score the support set at the initial parameters
+            metrics["support_loss"] = loss_fn(model(task_params, task.support_x), task.support_y).detach()
         return loss, metrics, model_params, task_params
 
     def meta_loss(params: Params, task: Task) -> tuple[Tensor, Metrics]:
@@ -203,6 +208,7 @@ def with_steps(fn: Callable[..., tuple[Tensor, Metrics]], steps: int) -> Callabl
         >>> tasks = sinusoid_tasks(4, shots=5, generator=torch.Generator().manual_seed(0))
         >>> after_10_steps, metrics = meta_batch(with_steps(learner.evaluate, 10))(params, tasks)
     """
+    check_steps("with_steps", "steps", steps, minimum=0)
     bound = functools.wraps(fn)(functools.partial(fn, steps=steps))
     if hasattr(fn, "validate"):
         bound.validate = fn.validate  # type: ignore[attr-defined]
