@@ -38,8 +38,8 @@ def mlp_module(*, hidden: tuple[int, ...] = (8, 8), norm: str = "none", in_featu
     return lambda: models.mlp(in_features, hidden, out_features, norm=norm)  # type: ignore[arg-type]
 
 
-def conv4_module(*, ways: int = 3, width: int = 4, image_size: int = 28, norm: str = "batch") -> Callable[[], nn.Module]:
-    """A builder of a narrow Conv-4 (metafunc's exact BatchNorm by default)."""
+def conv4_module(*, ways: int = 3, width: int = 4, image_size: int = 16, norm: str = "batch") -> Callable[[], nn.Module]:
+    """A builder of a narrow Conv-4 (metafunc's exact BatchNorm by default; 16x16 inputs keep the suite fast)."""
     return lambda: models.conv4(ways, width=width, image_size=image_size, norm=norm)  # type: ignore[arg-type]
 
 
@@ -56,7 +56,7 @@ def _labels(num_tasks: int, ways: int, per_class: int, generator: torch.Generato
     return torch.stack([labels[torch.randperm(labels.numel(), generator=generator)] for _ in range(num_tasks)])
 
 
-def classification_tasks(*, ways: int = 3, shots: int = 2, queries: int = 2, image_size: int = 28,
+def classification_tasks(*, ways: int = 3, shots: int = 2, queries: int = 2, image_size: int = 16,
                          channels: int = 1) -> Callable[[int, torch.Generator], Task]:
     """A builder of random-image N-way K-shot meta-batches (labels 0..ways-1, every class present, shuffled)."""
     def build(num_tasks: int, generator: torch.Generator) -> Task:

@@ -26,7 +26,7 @@ cases = pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 @cases
 def test_loss_and_metrics_are_finite(case: LearnerCase):
     learner, params, _ = case.build()
-    loss, metrics, grads = _meta_gradient(learner, params, case.tasks(3))
+    loss, metrics, grads = _meta_gradient(learner, params, case.tasks(3), mode="vmap")
     assert loss.dim() == 0 and math.isfinite(loss.item())
     assert "loss" in metrics
     for name, value in metrics.items():
@@ -38,38 +38,38 @@ def test_loss_and_metrics_are_finite(case: LearnerCase):
 def test_meta_gradient_tree_matches_params_tree(case: LearnerCase):
     learner, params, _ = case.build()
     tasks = case.tasks(3)
-    tree = torch.func.grad(lambda p: meta_batch(learner.meta_loss)(p, tasks)[0])(params)
+    tree = torch.func.grad(lambda p: meta_batch(learner.meta_loss, mode="vmap")(p, tasks)[0])(params)
     assert isinstance(tree, dict) and list(tree) == list(params)
     for name, p in params.items():
         assert tree[name].shape == p.shape and tree[name].dtype == p.dtype, name
     # The .backward() path fills the same tree.
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
-    meta_batch(learner.meta_loss)(leaves, tasks)[0].backward()
+    meta_batch(learner.meta_loss, mode="loop")(leaves, tasks)[0].backward()
     assert all(leaves[k].grad is not None for k in leaves)
     assert sum(float(g.detach().abs().sum()) for g in tree.values()) > 0
 
 
 @cases
-@pytest.mark.parametrize("chunk_size", [None, 2], ids=["chunk=all", "chunk=2"])
-def test_vmap_equals_loop(case: LearnerCase, chunk_size):
+def test_vmap_equals_loop(case: LearnerCase):
     learner, params, _ = case.build(dtype=torch.float64)
     tasks = case.tasks(3, dtype=torch.float64)
-    loss_v, metrics_v, grads_v = _meta_gradient(learner, params, tasks, mode="vmap", chunk_size=chunk_size)
     loss_l, metrics_l, grads_l = _meta_gradient(learner, params, tasks, mode="loop")
-    assert torch.allclose(loss_v, loss_l, rtol=1e-12, atol=0)
-    assert metrics_v.keys() == metrics_l.keys()
-    for k in metrics_v:
-        assert torch.allclose(metrics_v[k], metrics_l[k], rtol=1e-12, atol=1e-14), k
-    assert tree_relative_error(grads_v, grads_l) < 1e-10
+    for chunk_size in (None, 2):
+        loss_v, metrics_v, grads_v = _meta_gradient(learner, params, tasks, mode="vmap", chunk_size=chunk_size)
+        assert torch.allclose(loss_v, loss_l, rtol=1e-12, atol=0), chunk_size
+        assert metrics_v.keys() == metrics_l.keys()
+        for k in metrics_v:
+            assert torch.allclose(metrics_v[k], metrics_l[k], rtol=1e-12, atol=1e-14), (k, chunk_size)
+        assert tree_relative_error(grads_v, grads_l) < 1e-10, chunk_size
 
 
 @cases
 def test_reduce_none_keeps_one_value_per_task_and_mean_reduces_it(case: LearnerCase):
     learner, params, _ = case.build(dtype=torch.float64)
     tasks = case.tasks(3, dtype=torch.float64)
-    per_task, metrics = meta_batch(learner.meta_loss, reduce="none")(params, tasks)
-    mean, _ = meta_batch(learner.meta_loss)(params, tasks)
-    total, _ = meta_batch(learner.meta_loss, reduce="sum")(params, tasks)
+    per_task, metrics = meta_batch(learner.meta_loss, mode="vmap", reduce="none")(params, tasks)
+    mean, _ = meta_batch(learner.meta_loss, mode="vmap")(params, tasks)
+    total, _ = meta_batch(learner.meta_loss, mode="loop", reduce="sum")(params, tasks)
     assert per_task.shape == (3,) and metrics["loss"].shape == (3,)
     assert torch.allclose(per_task.mean(), mean, rtol=1e-12)
     assert torch.allclose(per_task.sum(), total, rtol=1e-12)
@@ -94,7 +94,7 @@ def test_meta_batch_of_one_equals_the_per_task_function(case: LearnerCase, mode)
 def test_dtype_is_preserved(case: LearnerCase, dtype):
     learner, params, _ = case.build(dtype=dtype)
     assert all(p.dtype == dtype for p in params.values())
-    loss, metrics, grads = _meta_gradient(learner, params, case.tasks(2, dtype=dtype))
+    loss, metrics, grads = _meta_gradient(learner, params, case.tasks(2, dtype=dtype), mode="vmap")
     assert loss.dtype == dtype
     assert all(m.dtype == dtype for m in metrics.values())
     assert all(g.dtype == dtype for g in grads.values())
@@ -107,7 +107,7 @@ def test_same_seed_same_result_and_another_seed_differs(case: LearnerCase):
     results = []
     for seed in (0, 0, 1):
         learner, params, _ = case.build(seed=seed)
-        results.append(_meta_gradient(learner, params, case.tasks(2, seed=seed)))
+        results.append(_meta_gradient(learner, params, case.tasks(2, seed=seed), mode="vmap"))
     (loss_a, _, grads_a), (loss_b, _, grads_b), (loss_c, _, grads_c) = results
     assert torch.equal(loss_a, loss_b)
     assert all(torch.equal(grads_a[k], grads_b[k]) for k in grads_a)
@@ -118,7 +118,29 @@ def test_same_seed_same_result_and_another_seed_differs(case: LearnerCase):
 def test_evaluate_reports_query_loss_without_graph(case: LearnerCase):
     learner, params, _ = case.build(dtype=torch.float64)
     tasks = case.tasks(2, dtype=torch.float64)
-    loss, metrics = meta_batch(learner.evaluate)(params, tasks)
-    _, train_metrics = meta_batch(learner.meta_loss)(params, tasks)
+    loss, metrics = meta_batch(learner.evaluate, mode="vmap")(params, tasks)
+    _, train_metrics = meta_batch(learner.meta_loss, mode="loop")(params, tasks)
     assert not loss.requires_grad
     assert torch.allclose(loss, train_metrics["loss"], rtol=1e-12)
+
+
+GRADIENT_FAMILY = ("maml", "fomaml", "anil", "boil", "meta_sgd", "reptile")
+GRADIENT_CASES = [c for c in CASES if c.id.split("-")[0] in GRADIENT_FAMILY]
+
+
+@pytest.mark.parametrize("case", GRADIENT_CASES, ids=[c.id for c in GRADIENT_CASES])
+@pytest.mark.parametrize("mode", ["vmap", "loop"])
+def test_evaluate_after_zero_steps_scores_the_initial_parameters(case: LearnerCase, mode):
+    """evaluate(steps=0) (the 'MSE after 0 steps' row) is the query loss of the initial parameters."""
+    from metafunc import with_steps
+
+    learner, params, _ = case.build(dtype=torch.float64)
+    tasks = case.tasks(2, dtype=torch.float64)
+    zero, metrics = meta_batch(with_steps(learner.evaluate, 0), mode=mode)(params, tasks)
+    assert torch.isfinite(zero) and all(torch.isfinite(v) for v in metrics.values())
+    predictions = torch.stack([learner.predict(params, tasks.query_x[i]) for i in range(2)])
+    loss_fn = torch.nn.functional.mse_loss if tasks.query_y.is_floating_point() else torch.nn.functional.cross_entropy
+    expected = torch.stack([loss_fn(predictions[i], tasks.query_y[i]) for i in range(2)]).mean()
+    assert torch.allclose(zero, expected, rtol=1e-12)
+    with pytest.raises(ValueError, match=r"^with_steps: steps must be >= 0 \(got -1\)"):
+        with_steps(learner.evaluate, -1)

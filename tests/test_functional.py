@@ -98,3 +98,29 @@ def test_functional_model_composes_with_vmap_and_grad():
     assert torch.allclose(batched, torch.stack([model(params, x) for x in xs]), atol=1e-6)
     grads = torch.func.grad(lambda p: model(p, xs[0]).sum())({k: v.detach() for k, v in params.items()})
     assert list(grads) == list(params)
+
+
+def test_task_container():
+    from metafunc import Task
+    tasks = Task(torch.randn(3, 4, 2), torch.randint(0, 2, (3, 4)), torch.randn(3, 5, 2), torch.randint(0, 2, (3, 5)))
+    assert tasks.num_tasks == 3 and tasks[0] is tasks.support_x  # an int index picks a field
+    one = tasks.task_at(1)
+    assert one.support_x.shape == (4, 2) and torch.equal(one.query_y, tasks.query_y[1])
+    wide = tasks.to(torch.float64)
+    assert wide.support_x.dtype == torch.float64 and wide.support_y.dtype == torch.int64  # labels keep their dtype
+    assert tasks.to(dtype=torch.float64).query_y.dtype == torch.int64
+
+
+@pytest.mark.parametrize("mode", ["vmap", "loop"])
+def test_meta_batch_of_a_plain_per_task_function(mode):
+    from metafunc import Task
+    tasks = Task(torch.randn(4, 3, 2), torch.randn(4, 3), torch.randn(4, 2, 2), torch.randn(4, 2))
+    w = torch.tensor([1.0, -2.0])
+
+    def per_task(params, task):
+        return (task.support_x @ params["w"] - task.support_y).pow(2).mean()
+
+    loss, metrics = meta_batch(per_task, mode=mode, reduce="none")({"w": w}, tasks)
+    expected = torch.stack([per_task({"w": w}, tasks.task_at(i)) for i in range(4)])
+    assert metrics == {} and torch.allclose(loss, expected)
+    assert meta_batch(per_task, mode=mode).__name__ == "per_task"  # functools.wraps keeps the name

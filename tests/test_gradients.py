@@ -240,3 +240,18 @@ def test_torch_func_grad_of_first_order_meta_sgd_equals_backward(mode):
     backward = _metafunc_gradient(learner, meta_params, tasks, mode=mode)
     assert tree_relative_error(tree, backward) < 1e-12
     assert all(tree[k].abs().sum() > 0 for k in tree if k.startswith(META_SGD_LR_PREFIX))
+
+
+@pytest.mark.parametrize("mode", ["vmap", "loop"])
+def test_reptile_with_sgd_is_the_interpolation_step(mode):
+    """torch.optim.SGD(lr=epsilon) on Reptile's meta-loss gives theta + epsilon * mean_i(phi_i - theta)."""
+    module, tasks, loss, lr = _setup("mlp-layernorm")
+    model, params = functionalize(module)
+    learner = reptile(model, inner_lr=lr, steps=3, loss=loss)
+    theta = {k: v.detach().clone() for k, v in params.items()}
+    adapted = [learner.adapt(theta, *tasks.task_at(i)[:2])[0] for i in range(tasks.num_tasks)]
+    optimizer = torch.optim.SGD(params.values(), lr=0.25)
+    meta_batch(learner.meta_loss, mode=mode)(params, tasks)[0].backward()
+    optimizer.step()
+    expected = {k: theta[k] + 0.25 * torch.stack([phi[k] - theta[k] for phi in adapted]).mean(0) for k in theta}
+    assert tree_relative_error({k: v.detach() for k, v in params.items()}, expected) < 1e-12

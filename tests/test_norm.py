@@ -56,6 +56,20 @@ def test_exact_layer_equals_torch_layer_forward_and_first_order(name):
     assert len(grads_ours) == len(grads_theirs)
     for a, b in zip(grads_ours, grads_theirs):
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-11)
+    # The same under torch.func transforms (where metafunc's layers compute from elementary ops), first order.
+    target = torch.randn(out_theirs.shape, generator=torch.Generator().manual_seed(9), dtype=f64)
+    params = {k: v.detach() for k, v in ours.named_parameters()}
+
+    def objective(p, inp):
+        return (torch.func.functional_call(ours, p, (inp,)) * target).sum()
+
+    batched = torch.func.vmap(lambda inp: torch.func.functional_call(ours, params, (inp,)))(x.unsqueeze(0))[0]
+    assert torch.allclose(batched, out_theirs, rtol=1e-10, atol=1e-12)
+    grad_x = torch.func.grad(objective, argnums=1)(params, x)
+    grad_p = torch.func.grad(objective)(params, x)
+    assert torch.allclose(grad_x, grads_theirs[0], rtol=1e-9, atol=1e-11)
+    for a, b in zip(grad_p.values(), grads_theirs[1:]):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-11)
 
 
 def test_exact_layers_reject_wrong_input_shapes():
@@ -181,13 +195,13 @@ def test_converted_model_has_exact_second_order_gradients_under_vmap_and_unconve
     reference = reference_meta_gradient(net, params, tasks, algorithm="maml", inner_lr=0.5, steps=1,
                                         loss="cross_entropy")
     # torch's fused norm kernels: the loop is right, vmap is silently wrong at second order.
-    wrong = _meta_gradient(maml(model, inner_lr=0.5, steps=1), params, tasks, validate=False)
+    wrong = _meta_gradient(maml(model, inner_lr=0.5, steps=1), params, tasks, mode="vmap", validate=False)
     loop = _meta_gradient(maml(model, inner_lr=0.5, steps=1), params, tasks, mode="loop")
     assert tree_relative_error(wrong, reference) > 1e-4
     assert tree_relative_error(loop, reference) < 1e-10
     # Converted: exact under vmap.
     exact_model, exact_params = functionalize(convert_norm_layers(net))
-    exact = _meta_gradient(maml(exact_model, inner_lr=0.5, steps=1), exact_params, tasks)
+    exact = _meta_gradient(maml(exact_model, inner_lr=0.5, steps=1), exact_params, tasks, mode="vmap")
     assert tree_relative_error(exact, reference) < 1e-10
 
 
@@ -201,9 +215,9 @@ def test_learner_refuses_torch_norm_layers_under_vmap_at_second_order(name):
     for learner in (maml(model, inner_lr=0.5), anil(model, inner_lr=0.5)):
         with pytest.raises(ValueError, match=rf"{learner.name}: the model has torch norm layers .*{re.escape(layer)}.*"
                                              r"convert_norm_layers\(module\)"):
-            meta_batch(learner.meta_loss)(params, tasks)
+            meta_batch(learner.meta_loss, mode="vmap")(params, tasks)
     # First order (no double backward) and the loop mode are allowed, and right.
-    first = _meta_gradient(fomaml(model, inner_lr=0.5), params, tasks)
+    first = _meta_gradient(fomaml(model, inner_lr=0.5), params, tasks, mode="vmap")
     reference = reference_meta_gradient(model.module, params, tasks, algorithm="fomaml",
                                         inner_lr=0.5, steps=1, loss="cross_entropy")
     assert tree_relative_error(first, reference) < 1e-10
