@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"MAML (1 inner step), Conv-4 width {args.width} with BatchNorm, {args.ways}-way 1-shot 5-query 28x28 tasks, "
           f"meta-batch {args.meta_batch}; {args.steps} timed steps after {args.warmup} warm-up; "
           f"{args.threads} thread(s) per process; device {rows[0]['device']} ({rows[0]['backend'] or 'no process group'}); "
-          f"torch {torch.__version__}")
+          f"torch {torch.__version__}; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores at the end")
     print(f"{'processes':>9} | {'tasks/s':>8} | {'speed-up':>8} | {'efficiency':>10} | {'meta-grad vs 1 proc':>20}")
     print("-" * 68)
     for r in rows:
