@@ -580,7 +580,7 @@ def plot_learning_curve(records: Iterable[dict[str, Any]], path: str | os.PathLi
     ax = axes[0][0]
     losses = [r.get("loss", r.get("objective", math.nan)) for r in train_recs]
     ax.plot(its, losses, color="C0", alpha=0.25, lw=0.8)
-    ax.plot(its, _smooth(losses, window), color="C0", label="train query loss")
+    ax.plot(its, _smooth(losses, window), color="C0", label="train query loss (after the inner steps)")
     if val_recs and "mse" in val_recs[0]:
         ax.plot([r["iteration"] for r in val_recs], [r["mse"] for r in val_recs], "o-", color="C3",
                 label=f"validation MSE ({val_recs[0]['inner_steps']} steps)")
