@@ -234,7 +234,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         setting = f"sinusoid regression, K={cfg.shots} support points, 100 query points"
     print(f"checkpoint {args.checkpoint}: {cfg.algorithm} on {cfg.dataset}, {ckpt.get('iteration')} iterations")
-    print(f"{setting}, {cfg.eval_inner_steps} inner steps (lr {cfg.inner_lr}), {args.episodes} {args.split} episodes")
+    adaptation = ("no inner loop" if cfg.algorithm in ("protonet", "matching_net")
+                  else f"{cfg.eval_inner_steps} inner steps (lr {cfg.inner_lr})")
+    print(f"{setting}, {adaptation}, {args.episodes} {args.split} episodes")
     print(result.format() + "  [95% CI = 1.96 * std / sqrt(n)]")
     print(f"BatchNorm protocol: {BATCHNORM_PROTOCOL}")
     if args.json:
