@@ -20,8 +20,11 @@ is between paths on the same tasks).
 
 Example:
     >>> from metafunc.bench import main
-    >>> main(["--model", "mlp", "--paths", "exact,checkpointed", "--inner-steps", "2", "--meta-batch", "2",
-    ...       "--repeats", "1", "--memory", "none", "--quiet"])
+    >>> code = main(["--model", "mlp", "--paths", "exact,checkpointed", "--inner-steps", "2", "--meta-batch", "2",
+    ...              "--repeats", "1", "--memory", "none", "--quiet"])  # doctest: +ELLIPSIS
+    metafunc bench: model=mlp meta-batch=2 ...
+    checkpointed  2 ...
+    >>> code
     0
 """
 
@@ -371,17 +374,17 @@ def format_table(rows: Sequence[dict[str, Any]], *, markdown: bool = False) -> s
     Example:
         >>> print(format_table([{"path": "exact", "steps": 1, "median_s": 0.01, "peak_mib": 2.0, "cosine": 1.0,
         ...                      "norm_ratio": 1.0, "error": None}]))  # doctest: +NORMALIZE_WHITESPACE
-        path   k  time/meta-step  peak memory  cos vs exact  |g|/|g_exact|
-        exact  1        10.0 ms      2.0 MiB      1.000000           1.0000
+        path   k  time/meta-step  peak memory  cos vs exact  norm / exact norm
+        exact  1         10.0 ms      2.0 MiB      1.000000             1.0000
     """
-    header = ["path", "k", "time/meta-step", "peak memory", "cos vs exact", "|g|/|g_exact|"]
+    header = ["path", "k", "time/meta-step", "peak memory", "cos vs exact", "norm / exact norm"]
     body = []
     for r in rows:
         if r.get("error"):
             body.append([r["path"], str(r["steps"]), r["error"], "", "", ""])
             continue
         t = r["median_s"]
-        time_s = f"{t * 1e3:.1f} ms" if t < 10 else f"{t:.2f} s"
+        time_s = f"{t * 1e3:.1f} ms" if t < 1 else f"{t:.2f} s"
         mem = "n/a" if r["peak_mib"] is None else f"{r['peak_mib']:.1f} MiB"
         cos = "n/a" if r["cosine"] is None else f"{r['cosine']:.6f}"
         ratio = "n/a" if r["norm_ratio"] is None else f"{r['norm_ratio']:.4f}"
@@ -522,8 +525,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``metafunc bench`` with ``argv`` (default ``sys.argv[1:]``); print the table; return the exit status.
 
     Example:
-        >>> main(["--model", "mlp", "--paths", "exact,first_order", "--inner-steps", "1", "--meta-batch", "2",
-        ...       "--repeats", "1", "--memory", "none", "--quiet"])
+        >>> code = main(["--model", "mlp", "--paths", "exact,first_order", "--inner-steps", "1", "--meta-batch", "2",
+        ...              "--repeats", "1", "--memory", "none", "--quiet"])  # doctest: +ELLIPSIS
+        metafunc bench: model=mlp ...
+        first_order  1 ...
+        >>> code
         0
     """
     parser = build_parser()
