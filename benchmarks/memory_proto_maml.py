@@ -3,7 +3,8 @@
 Each case runs in a fresh subprocess: it loads all-MiniLM-L6-v2 (+ MLP head), builds one 5-way 5-shot CLINC150 task
 (10 queries per class, 32 tokens), then runs one meta-step (``meta_batch(learner.meta_loss)`` + ``loss.backward()``)
 while a thread samples the process RSS every millisecond; the reported peak is the maximum RSS during the step minus
-the RSS just before it. The gradients of both cases are compared (they must agree to float32 round-off) before the
+the RSS just before it (glibc's mmap threshold is fixed at 64 KiB in the subprocesses, so freed tensors leave
+the RSS at once). The gradients of both cases are compared (they must agree to float32 round-off) before the
 table is printed. On a GPU (``--device cuda``) the allocator's peak is reported instead.
 
     python benchmarks/memory_proto_maml.py            # table of both cases, 3 runs each
@@ -124,8 +125,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for r in range(args.repeats):
             for case in CASES:
                 grad = str(Path(tmp) / f"{case}.pt")
+                # A fixed mmap threshold makes glibc hand every large tensor back to the OS when it is freed, so
+                # the RSS follows the live tensors instead of the allocator's high-water mark.
+                env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
                 out = subprocess.run([sys.executable, __file__, "--case", case, "--grad", grad, *common],
-                                     capture_output=True, text=True, check=True)
+                                     capture_output=True, text=True, check=True, env=env)
                 row = json.loads(out.stdout.strip().splitlines()[-1])
                 row["repeat"] = r
                 rows.append(row)

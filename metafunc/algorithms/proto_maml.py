@@ -10,7 +10,7 @@ loop detached.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +46,25 @@ def prototype_head(features: Tensor, labels: Tensor, ways: int) -> tuple[Tensor,
     """
     centres = prototypes(features, labels, ways)
     return 2 * centres, -(centres * centres).sum(-1)
+
+
+def _inside_functorch() -> bool:
+    peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)
+    return peek is None or peek() is not None
+
+
+def _gradient(fn: Callable[[Params], Any], inputs: Params, *, has_aux: bool = False) -> Any:
+    """``torch.func.grad(fn)(inputs)``; outside any ``torch.func`` transform it uses ``torch.autograd.grad`` on
+    fresh leaves instead, which (unlike ``torch.func.grad``) keeps no graph for double backward while it runs."""
+    if _inside_functorch():
+        return grad(fn, has_aux=has_aux)(inputs)
+    leaves = {k: v.detach().requires_grad_(True) for k, v in inputs.items()}
+    with torch.enable_grad():
+        out = fn(leaves)
+        loss, aux = out if has_aux else (out, None)
+        grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+    tree = {k: (g if g is not None else torch.zeros_like(v)) for (k, v), g in zip(leaves.items(), grads)}
+    return (tree, aux) if has_aux else tree
 
 
 def _linear(features: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
@@ -133,7 +152,7 @@ def _proto_maml(name: str, encoder: ModelFn, *, inner_lr: float, head_lr: float 
             loss = F.cross_entropy(logits, task.query_y)
             return loss, (loss.detach(), logits.detach(), features.detach())
 
-        grads_a, (loss, logits, features) = grad(query_loss, has_aux=True)(encoder_params(phi))
+        grads_a, (loss, logits, features) = _gradient(query_loss, encoder_params(phi), has_aux=True)
 
         # (b) the prototypes again, with a graph on the base encoder; the rewrite; the stored features through
         # the output layer; backpropagate into the base encoder.
@@ -141,7 +160,7 @@ def _proto_maml(name: str, encoder: ModelFn, *, inner_lr: float, head_lr: float 
             adapted = rewrite(head, head_of(theta_, task.support_x, task.support_y))
             return F.cross_entropy(_linear(features, adapted[HEAD_WEIGHT], adapted[HEAD_BIAS]), task.query_y)
 
-        grads_b = grad(prototype_loss)(theta0)
+        grads_b = _gradient(prototype_loss, theta0)
         # A loss whose value is the query loss and whose gradient w.r.t. theta is grads_a + grads_b.
         surrogate = loss + sum(((grads_a[k] + grads_b[k]) * (theta[k] - theta0[k])).sum() for k in theta)
         return surrogate, finish(logits, loss, task, losses)
@@ -221,10 +240,12 @@ def fo_proto_maml(encoder: ModelFn, *, inner_lr: float = 0.1, head_lr: float | N
     graph, the inner loop, the query loss and its gradient w.r.t. the adapted encoder, keeping the detached query
     features; (b) the prototypes again with a graph, the output-layer rewrite, the stored features through the
     output layer, backpropagated into the encoder; the sum of (a) and (b). Both gradients are taken inside
-    ``meta_loss`` with :func:`torch.func.grad`, which returns a loss whose value is the query loss and whose
-    gradient w.r.t. the parameters is that meta-gradient, so ``meta_batch`` (vmap or loop) and ``loss.backward()``
-    work as usual. Its derivatives of order two and higher are not those of the query loss (it is a first-order
-    method). Costs one more encoder forward over the support set.
+    ``meta_loss``, which returns a loss whose value is the query loss and whose gradient w.r.t. the parameters is
+    that meta-gradient, so ``meta_batch`` (vmap or loop) and ``loss.backward()`` work as usual. Its derivatives of
+    order two and higher are not those of the query loss (it is a first-order method). Costs one more encoder
+    forward over the support set. The memory saving is largest with ``meta_batch(..., mode="loop")``: there the
+    two gradients use ``torch.autograd.grad``; under ``vmap`` (or inside ``torch.func.grad``) they use
+    :func:`torch.func.grad`, which keeps each pass's graph differentiable while it runs.
 
     Example:
         >>> import torch
