@@ -125,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0, help="seed of the test episodes (default 0)")
     e.add_argument("--meta-batch", type=int, default=25, help="episodes evaluated at once (default 25)")
     e.add_argument("--json", help="also write the result to this JSON file")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     sub.add_parser("bench", help="benchmarks (metafunc.bench), arguments passed through", add_help=False)
     return parser
@@ -228,7 +229,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     gen = torch.Generator(device=cfg.device).manual_seed(args.seed)
     result = evaluate_episodes(exp.learner, params, exp.sources[args.split], episodes=args.episodes,
                                steps=cfg.eval_inner_steps, classification=exp.classification, generator=gen,
-                               batch=args.meta_batch, mode=cfg.mode)
+                               batch=args.meta_batch, mode=cfg.mode, progress=not args.no_progress)
     if exp.classification:
         setting = f"{cfg.ways}-way {cfg.shots}-shot, {cfg.queries} queries per class"
     else:

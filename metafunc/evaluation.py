@@ -104,9 +104,10 @@ def task_scores(learner: MetaLearner, params: Params, tasks: Task, *, steps: int
 
 def evaluate_episodes(learner: MetaLearner, params: Params, source: TaskSource, *, episodes: int = 600,
                       steps: int = 1, classification: bool, generator: torch.Generator, batch: int = 25,
-                      mode: str = "vmap") -> EvalResult:
+                      mode: str = "vmap", progress: bool = False) -> EvalResult:
     """Score ``episodes`` tasks from ``source`` (drawn ``batch`` at a time with ``generator``) after ``steps``
-    inner steps; returns the mean and the 95% confidence interval.
+    inner steps; returns the mean and the 95% confidence interval. ``progress=True`` shows a tqdm bar with the
+    running mean.
 
     Example:
         >>> from metafunc import functionalize, maml, models
@@ -126,10 +127,20 @@ def evaluate_episodes(learner: MetaLearner, params: Params, source: TaskSource, 
                         f"{type(source).__name__})")
     scores = []
     done = 0
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=episodes, desc="evaluate", unit="episode", dynamic_ncols=True)
     while done < episodes:
         n = min(batch, episodes - done)
         scores.append(task_scores(learner, params, source.sample(n, generator), steps=steps,
                                   classification=classification, mode=mode))
         done += n
+        if bar is not None:
+            bar.set_postfix({"accuracy" if classification else "mse": f"{float(torch.cat(scores).mean()):.4f}"},
+                            refresh=False)
+            bar.update(n)
+    if bar is not None:
+        bar.close()
     mean, ci, std = confidence_interval(torch.cat(scores))
     return EvalResult("accuracy" if classification else "mse", mean, ci, std, episodes, steps)

@@ -147,6 +147,7 @@ def register_algorithm(name: str, build: Callable[[ModelFn, TrainConfig], MetaLe
         ...                    loss="mse" if cfg.dataset == "sinusoid" else "cross_entropy"))
         >>> "maml_3step" in ALGORITHMS
         True
+        >>> del ALGORITHMS["maml_3step"]
     """
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"register_algorithm: name must be an identifier such as 'my_maml' (got {name!r})")
