@@ -73,7 +73,8 @@ def checkpointed_maml(
     parameter copies instead of ``steps`` graphs of activations. The final ``v`` is the exact MAML meta-gradient
     (same as :func:`metafunc.maml` up to rounding); the returned loss carries it, so ``loss.backward()`` and
     :func:`metafunc.meta_batch` (vmap or loop) work as for any learner. It costs about twice the compute of the
-    unrolled gradient (one extra forward of the inner loop, plus the recomputation).
+    unrolled gradient (one extra forward of the inner loop, plus the recomputation); ``checkpoints=steps`` keeps
+    every step's parameters (``steps`` parameter copies, still no activations) and skips the recomputation.
 
     ``clip_norm`` clips the norm of the backward signal ``v`` at every step (per task), as the memory-efficient
     MAML notebook does for very long horizons; the gradient is then no longer exact. The meta-gradient is computed
@@ -101,6 +102,7 @@ def checkpointed_maml(
     loss_fn, classification = resolve_loss(loss, name)
     task_loss = make_task_loss(model, loss_fn)
     positions = checkpoint_positions(steps, checkpoints)
+    kept = set(positions)
     lr = float(inner_lr)
 
     adapt_fn = first_order_transform(inner_loop(task_loss, steps=steps, lr=lr, adapt=adapt))
@@ -117,7 +119,7 @@ def checkpointed_maml(
         saved: dict[int, Params] = {}
         support_loss = None
         for i in range(steps):
-            if i in positions:
+            if i in kept:
                 saved[i] = phi
             if i == 0:
                 support_loss = task_loss(phi, x, y).detach()
