@@ -8,7 +8,8 @@ from . import models, tree
 from ._types import AdaptFn, LossFn, Metrics, ModelFn, Params, PerTaskFn, Selector, Task
 from .algorithms import META_SGD_LR_PREFIX, MetaLearner, anil, boil, fomaml, maml, meta_sgd, reptile, with_steps
 from .algorithms import fo_proto_maml, matching_net, proto_maml, prototype_head, prototypes, protonet
-from .batching import meta_batch
+from .batching import meta_batch, resolve_mode
+from .fast import meta_value_and_grad
 from .functional import FunctionalModel, check_params, functionalize
 from .inner import first_order, inner_loop, sgd_step
 from .norm import BatchNorm, GroupNorm, LayerNorm, convert_norm_layers, find_torch_norm_layers
@@ -24,6 +25,7 @@ __all__ = [
     "Params", "Metrics", "Task", "ModelFn", "LossFn", "AdaptFn", "PerTaskFn", "Selector",
     # functional core
     "functionalize", "FunctionalModel", "check_params", "inner_loop", "first_order", "sgd_step", "meta_batch",
+    "resolve_mode", "meta_value_and_grad",
     # norm layers
     "BatchNorm", "LayerNorm", "GroupNorm", "convert_norm_layers", "find_torch_norm_layers",
     # algorithms

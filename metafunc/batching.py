@@ -13,9 +13,16 @@ from torch.func import vmap
 from ._types import Metrics, Params, PerTaskFn, Task
 from ._validation import check_choice, check_steps, check_task
 
-__all__ = ["meta_batch", "MODES"]
+__all__ = ["meta_batch", "resolve_mode", "MODES"]
 
 MODES = ("vmap", "loop")
+"""The two ways to run a meta-batch; ``mode="auto"`` (the default) picks one of them per device and model size."""
+
+AUTO_VMAP_MEMORY_FRACTION = 0.5
+"""Under ``mode="auto"`` on a GPU, a vmapped chunk may use about this fraction of the free device memory."""
+
+_ACTIVATIONS_PER_INPUT = 512
+"""A rough upper bound on the bytes of saved activations per input byte of a second-order Conv-4 meta-step."""
 
 
 def _split(out: Any) -> tuple[Tensor, Metrics]:
@@ -44,10 +51,50 @@ def _no_attention_fast_path() -> Iterator[None]:
         mha.set_fastpath_enabled(previous)
 
 
+def resolve_mode(params: Params, tasks: Task, *, mode: str = "auto",
+                 chunk_size: int | None = None) -> tuple[str, int | None]:
+    """The ``(mode, chunk_size)`` that ``meta_batch(..., mode=mode, chunk_size=chunk_size)`` runs for these tasks.
+
+    A forced mode is returned as given. ``"auto"`` picks:
+
+    * ``"loop"`` when the tasks are on a CPU: a loop of plain ``torch.autograd`` inner steps is the fastest there
+      (``vmap`` over tasks measured 2-3.5x slower on a 2-core CPU, with up to 10x the memory; see
+      ``benchmarks/RESULTS.md``), and when the tasks are inside another ``torch.func`` transform or there is a
+      single task;
+    * ``"vmap"`` on a GPU, where a meta-batch of small tasks is launch-bound; with ``chunk_size`` (yours, or one
+      chosen so a chunk's estimated activations fit in ``AUTO_VMAP_MEMORY_FRACTION`` of the free memory).
+
+    Example:
+        >>> from metafunc import Task
+        >>> tasks = Task(torch.randn(8, 5, 1), torch.randn(8, 5, 1), torch.randn(8, 5, 1), torch.randn(8, 5, 1))
+        >>> resolve_mode({}, tasks)
+        ('loop', None)
+        >>> resolve_mode({}, tasks, mode="vmap", chunk_size=2)
+        ('vmap', 2)
+    """
+    if mode != "auto":
+        return mode, chunk_size
+    device = tasks.support_x.device
+    if device.type == "cpu" or tasks.num_tasks <= 1 or torch._C._functorch.peek_interpreter_stack() is not None:
+        return "loop", None
+    if chunk_size is not None:
+        return "vmap", chunk_size
+    try:
+        free, _ = torch.cuda.mem_get_info(device) if device.type == "cuda" else (None, None)
+    except RuntimeError:  # pragma: no cover - a device without memory queries
+        free = None
+    if free is None:
+        return "vmap", None
+    per_task = sum(t[0].numel() * t.element_size() for t in tasks) * _ACTIVATIONS_PER_INPUT
+    per_task += sum(p.numel() * p.element_size() for p in params.values()) * 4
+    fits = max(1, int(free * AUTO_VMAP_MEMORY_FRACTION // max(per_task, 1)))
+    return "vmap", None if fits >= tasks.num_tasks else fits
+
+
 def meta_batch(
     per_task: PerTaskFn | Callable[[Params, Task], Tensor],
     *,
-    mode: Literal["vmap", "loop"] = "vmap",
+    mode: Literal["auto", "vmap", "loop"] = "auto",
     chunk_size: int | None = None,
     reduce: Literal["mean", "sum", "none"] = "mean",
     validate: bool = True,
@@ -55,7 +102,11 @@ def meta_batch(
     """Batch ``per_task(params, task) -> loss`` or ``-> (loss, metrics)`` over tasks stacked along dim 0.
 
     ``mode="vmap"`` vectorises over tasks with :func:`torch.func.vmap` (``chunk_size`` tasks at a time to bound
-    memory); ``mode="loop"`` runs a Python loop and gives the same numbers. The result is ``(loss, metrics)``
+    memory); ``mode="loop"`` runs a Python loop and gives the same numbers; ``mode="auto"`` (the default) picks
+    one of them per call with :func:`resolve_mode` (the loop on a CPU, where it is the fastest; ``vmap``, chunked to
+    fit the free memory, on a GPU). Under ``"auto"`` a model must be exact under ``vmap`` (metafunc's norm layers,
+    not torch's fused ones, at second order), so the same code gives the same numbers on every device; force
+    ``mode="loop"`` to run torch's norm layers. The result is ``(loss, metrics)``
     reduced over tasks (``reduce="mean"`` by default; ``"none"`` keeps one value per task). Inputs are checked
     eagerly, before any transform runs; a learner's own checks (label range, parameter names, models that would get
     wrong second-order gradients under vmap) run here too.
@@ -71,7 +122,11 @@ def meta_batch(
     """
     if not callable(per_task):
         raise TypeError(f"meta_batch: per_task must be callable (got {type(per_task).__name__})")
-    check_choice("meta_batch", "mode", mode, MODES)
+    if mode != "auto":
+        try:
+            check_choice("meta_batch", "mode", mode, MODES)
+        except ValueError as error:
+            raise ValueError(f"{error}; or 'auto' (the default) to pick one per device and model size") from None
     check_choice("meta_batch", "reduce", reduce, ("mean", "sum", "none"))
     if chunk_size is not None:
         check_steps("meta_batch", "chunk_size", chunk_size)
@@ -89,12 +144,13 @@ def meta_batch(
         if validate:
             tasks = check_task(tasks, caller="meta_batch")
             if learner_check is not None:
-                learner_check(params, tasks, vmapped=mode == "vmap")
+                learner_check(params, tasks, vmapped=mode != "loop")
         else:
             tasks = Task(*tasks)
-        if mode == "vmap":
+        run_mode, run_chunk = resolve_mode(params, tasks, mode=mode, chunk_size=chunk_size)
+        if run_mode == "vmap":
             with _no_attention_fast_path():
-                loss, metrics = vmap(lambda t: _split(per_task(params, t)), in_dims=(0,), chunk_size=chunk_size,
+                loss, metrics = vmap(lambda t: _split(per_task(params, t)), in_dims=(0,), chunk_size=run_chunk,
                                      randomness="error")(tasks)
         else:
             outs = [_split(per_task(params, tasks.task_at(i))) for i in range(tasks.num_tasks)]

@@ -45,6 +45,11 @@ def _twice_differentiable_attention(enabled: bool) -> contextlib.AbstractContext
     return sdpa_kernel([SDPBackend.MATH])
 
 
+def _under_func_transform() -> bool:
+    """Whether a ``torch.func`` transform (``grad``, ``vmap``, ``jacrev``, ...) is running around this call."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
 def inner_loop(
     task_loss: Callable[[Params, Tensor, Tensor], Tensor],
     *,
@@ -93,12 +98,37 @@ def inner_loop(
 
     def _steps(fast: Params, names: list[str], n: int, step_lr: float | Params, x: Tensor, y: Tensor,
                losses: list[Tensor]) -> Params:
+        if not _under_func_transform():
+            return _autograd_steps(fast, names, n, step_lr, x, y, losses)
         for _ in range(n):
             def loss_of_adapted(adapted: Params) -> Tensor:
                 return task_loss({**fast, **adapted}, x, y)
 
             grads, loss = grad_and_value(loss_of_adapted)({k: fast[k] for k in names})
             if first_order:
+                grads = {k: g.detach() for k, g in grads.items()}
+            fast = sgd_step(fast, grads, step_lr)
+            losses.append(loss.detach())
+        return fast
+
+    def _autograd_steps(fast: Params, names: list[str], n: int, step_lr: float | Params, x: Tensor, y: Tensor,
+                        losses: list[Tensor]) -> Params:
+        # The loop fast path (no torch.func transform is running, e.g. meta_batch(mode="loop")): the same steps with
+        # torch.autograd.grad, which skips functorch's per-op wrapping. The graph is kept (create_graph) only when
+        # grad mode is on, the loop is second order and some adapted tensor is differentiated from outside, which is
+        # exactly when torch.func.grad's result would carry a graph. Values and gradients are the same as those of
+        # the torch.func path below (tests/test_fast_paths.py checks both against a float64 autograd reference).
+        outer = torch.is_grad_enabled() and not first_order and (x.requires_grad or y.requires_grad)
+        for _ in range(n):
+            sub = [fast[k] for k in names]
+            create = torch.is_grad_enabled() and not first_order and (
+                outer or any(v.requires_grad for v in fast.values()))
+            inputs = [v if v.requires_grad else v.detach().requires_grad_() for v in sub]
+            with torch.enable_grad():
+                loss = task_loss({**fast, **dict(zip(names, inputs))}, x, y)
+                found = torch.autograd.grad(loss, inputs, create_graph=create, allow_unused=True)
+            grads = {k: torch.zeros_like(v) if g is None else g for k, v, g in zip(names, sub, found)}
+            if not create:
                 grads = {k: g.detach() for k, g in grads.items()}
             fast = sgd_step(fast, grads, step_lr)
             losses.append(loss.detach())

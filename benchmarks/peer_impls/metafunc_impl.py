@@ -1,0 +1,49 @@
+"""metafunc: ``meta_value_and_grad`` (the fast default) and ``meta_batch`` + backward in each mode."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+import metafunc
+from metafunc import fast
+
+AVAILABLE, WHY = True, ""
+
+VARIANTS = ("default", "meta_batch-auto", "loop", "vmap", "vmap-chunk4")
+"""``default``: ``meta_value_and_grad(learner.meta_loss)`` (mode="auto"); the others: ``meta_batch(..., mode)``
+followed by ``loss.backward()`` (``meta_batch-auto`` is the documented meta-step with the default mode)."""
+
+
+def _runner(learner, module: nn.Module, tasks, variant: str) -> Callable[[], dict]:
+    model, params = metafunc.functionalize(module)
+    if variant == "default":
+        run = fast.meta_value_and_grad(learner(model).meta_loss)
+
+        def step() -> dict[str, Tensor]:
+            return run(params, tasks)[2]
+        return step
+    mode, chunk = {"meta_batch-auto": ("auto", None), "loop": ("loop", None), "vmap": ("vmap", None),
+                   "vmap-chunk4": ("vmap", 4)}[variant]
+    batched = metafunc.meta_batch(learner(model).meta_loss, mode=mode, chunk_size=chunk)
+
+    def step() -> dict[str, Tensor]:
+        for p in params.values():
+            p.grad = None
+        loss, _ = batched(params, tasks)
+        loss.backward()
+        return {k: p.grad for k, p in params.items()}
+
+    return step
+
+
+def maml_step(module: nn.Module, tasks, *, inner_lr: float, steps: int, first_order: bool,
+              variant: str = "default") -> Callable[[], dict]:
+    return _runner(lambda m: metafunc.maml(m, inner_lr=inner_lr, steps=steps, first_order=first_order),
+                   module, tasks, variant)
+
+
+def protonet_step(module: nn.Module, tasks, variant: str = "default") -> Callable[[], dict]:
+    return _runner(lambda m: metafunc.protonet(m), module, tasks, variant)
