@@ -24,6 +24,11 @@ class Clinc150(NamedTuple):
     """In-scope utterances of one CLINC150 split: ``texts[i]`` has intent ``intents[labels[i]]``.
 
     ``domains`` maps each of the 10 domains to its 15 intents.
+
+    Example:
+        >>> data = load_clinc150(split="val")  # doctest: +SKIP
+        >>> data.intents[int(data.labels[0])] in data.domains["banking"] + data.domains["meta"]  # doctest: +SKIP
+        True
     """
 
     texts: tuple[str, ...]

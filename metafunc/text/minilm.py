@@ -20,8 +20,7 @@ from torch import Tensor, nn
 
 from ..norm import LayerNorm
 
-__all__ = ["MiniLM", "SentenceEncoder", "load_minilm", "minilm_encoder", "tokenize", "embed_texts", "MINILM_DIM",
-           "requires_text_extra"]
+__all__ = ["MiniLM", "SentenceEncoder", "load_minilm", "minilm_encoder", "tokenize", "embed_texts", "MINILM_DIM"]
 
 MINILM_DIM = 384
 """Width of all-MiniLM-L6-v2's sentence embeddings."""
