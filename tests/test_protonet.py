@@ -106,6 +106,7 @@ def test_adapt_and_predict_give_the_meta_loss_logits(float64):
     assert torch.allclose((logits.argmax(-1) == task.query_y).double().mean(), metrics["accuracy"])
 
 
+@pytest.mark.slow
 def test_learns_separable_gaussian_classes():
     """Meta-training on tasks drawn from 8 Gaussian clusters lifts held-out 3-way accuracy well above chance."""
     torch.manual_seed(0)
