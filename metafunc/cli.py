@@ -99,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--val-episodes", type=int, help="validation episodes (default 100)")
     t.add_argument("--checkpoint-every", type=int, help="write OUT/checkpoint.pt every N iterations (and at the end)")
     t.add_argument("--width", type=int, help="filters of the Conv-4 (default 64)")
-    t.add_argument("--mode", choices=("vmap", "loop"), help="meta-batch over tasks with vmap (default) or a loop")
+    t.add_argument("--mode", choices=("auto", "vmap", "loop"),
+                   help="meta-batch over tasks: vmap (sinusoid default), loop, or auto (loop on CPU, vmap on GPU; "
+                        "the classification default)")
     t.add_argument("--chunk-size", type=int, help="vmap this many tasks at a time (memory)")
     t.add_argument("--threads", type=int, help="torch CPU threads (sinusoid default 1: tiny matrices)")
     t.add_argument("--device", help="cpu (default), cuda, cuda:1, ...")

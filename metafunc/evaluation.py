@@ -83,7 +83,7 @@ def task_scores(learner: MetaLearner, params: Params, tasks: Task, *, steps: int
         torch.Size([4])
     """
     check_steps("task_scores", "steps", steps, minimum=0)
-    check_choice("task_scores", "mode", mode, ("vmap", "loop"))
+    check_choice("task_scores", "mode", mode, ("auto", "vmap", "loop"))
     params = {k: v.detach() for k, v in params.items()}
     with torch.no_grad():
         if steps == 0:

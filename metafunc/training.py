@@ -53,12 +53,14 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     # The MAML paper's sinusoid setting: 40-40 ReLU MLP, K=10, alpha=0.01, 1 step, 25 tasks, Adam 1e-3.
     "sinusoid": dict(shots=10, queries=10, meta_batch=25, inner_steps=1, eval_inner_steps=10, inner_lr=0.01,
                      outer_lr=1e-3, iterations=4000, val_every=500, val_episodes=100, checkpoint_every=1000,
-                     threads=1),
+                     threads=1, mode="vmap"),
     # The MAML paper's Omniglot setting: meta-batch 32, alpha=0.4, 1 step in training and 3 at test, Adam 1e-3.
     "omniglot": dict(ways=5, shots=1, queries=15, meta_batch=32, inner_steps=1, eval_inner_steps=3, inner_lr=0.4,
-                     outer_lr=1e-3, iterations=2000, val_every=200, val_episodes=100, checkpoint_every=200),
+                     outer_lr=1e-3, iterations=2000, val_every=200, val_episodes=100, checkpoint_every=200,
+                     mode="auto"),
     "synthetic": dict(ways=5, shots=1, queries=5, meta_batch=8, inner_steps=1, eval_inner_steps=3, inner_lr=0.4,
-                      outer_lr=1e-3, iterations=200, val_every=50, val_episodes=40, checkpoint_every=50, width=16),
+                      outer_lr=1e-3, iterations=200, val_every=50, val_episodes=40, checkpoint_every=50, width=16,
+                      mode="auto"),
 }
 
 RESUME_KEYS = ("algorithm", "dataset", "ways", "shots", "queries", "meta_batch", "inner_steps", "inner_lr",
@@ -92,7 +94,7 @@ class TrainConfig:
     val_episodes: int | None = None
     checkpoint_every: int | None = None
     width: int | None = None
-    mode: str = "vmap"
+    mode: str | None = None
     chunk_size: int | None = None
     threads: int | None = None
     device: str = "cpu"
@@ -189,7 +191,7 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         check_steps("train", name, getattr(cfg, name), minimum=0)
     for name in ("inner_lr", "outer_lr"):
         check_positive("train", name, getattr(cfg, name))
-    check_choice("train", "mode", cfg.mode, ("vmap", "loop"))
+    check_choice("train", "mode", cfg.mode, ("auto", "vmap", "loop"))
     if cfg.chunk_size is not None:
         check_steps("train", "chunk_size", cfg.chunk_size)
     if cfg.threads is not None:
