@@ -18,8 +18,8 @@ FACTORIES = {"maml": maml, "fomaml": fomaml, "anil": anil, "boil": boil, "meta_s
 
 # name -> (module builder, tasks builder, loss, inner learning rate)
 SETTINGS = {
-    "conv4-batchnorm": (lambda: models.conv4(3, width=4, image_size=28, norm="batch"),
-                        classification_tasks(ways=3, shots=1, queries=1), "cross_entropy", 0.3),
+    "conv4-batchnorm": (lambda: models.conv4(2, width=4, image_size=28, norm="batch"),
+                        classification_tasks(ways=2, shots=1, queries=1, image_size=28), "cross_entropy", 0.3),
     "mlp-layernorm": (lambda: models.mlp(4, (8, 8), 3, norm="layer"), feature_tasks(features=4, ways=3),
                       "cross_entropy", 0.3),
     "mlp": (lambda: models.mlp(1, (8, 8), 1), regression_tasks(shots=5, queries=5), "mse", 0.05),
@@ -161,10 +161,10 @@ def test_first_and_second_order_agree_when_the_support_loss_is_linear(mode):
 def test_first_and_second_order_differ_on_a_nonlinear_model(model_name):
     module, tasks, loss, lr = _setup(model_name)
     model, params = functionalize(module)
-    second = _metafunc_gradient(maml(model, inner_lr=lr, steps=2, loss=loss), params, tasks, mode="vmap")
-    first = _metafunc_gradient(fomaml(model, inner_lr=lr, steps=2, loss=loss), params, tasks, mode="vmap")
-    first_flag = _metafunc_gradient(maml(model, inner_lr=lr, steps=2, loss=loss, first_order=True), params, tasks,
-                                    mode="vmap")
+    second = _metafunc_gradient(maml(model, inner_lr=lr, steps=1, loss=loss), params, tasks, mode="vmap")
+    first = _metafunc_gradient(fomaml(model, inner_lr=lr, steps=1, loss=loss), params, tasks, mode="vmap")
+    first_flag = _metafunc_gradient(maml(model, inner_lr=lr, steps=1, loss=loss, first_order=True), params, tasks,
+                                    mode="loop")
     assert tree_relative_error(first, second) > 1e-3
     assert tree_relative_error(first_flag, first) < 1e-12
 

@@ -49,6 +49,8 @@ DOCTESTS_SKIPPED: dict[str, str] = {
     "metafunc.paths.checkpointed": "its examples run checkpointed MAML (~30 s on a 2-core CPU)",
     "metafunc.bench": "its examples run whole benchmarks (~20 s) and print tables they do not expect",
     "metafunc.training": "its examples meta-train models (~10 s)",
+    "metafunc.paths.one_step": "its examples take ~30 s on a loaded 2-core CPU",
+    "metafunc.paths.implicit": "its examples take ~20 s on a loaded 2-core CPU",
 }
 
 
