@@ -149,9 +149,18 @@ def meta_batch(
             tasks = Task(*tasks)
         run_mode, run_chunk = resolve_mode(params, tasks, mode=mode, chunk_size=chunk_size)
         if run_mode == "vmap":
-            with _no_attention_fast_path():
-                loss, metrics = vmap(lambda t: _split(per_task(params, t)), in_dims=(0,), chunk_size=run_chunk,
-                                     randomness="error")(tasks)
+            try:
+                with _no_attention_fast_path():
+                    loss, metrics = vmap(lambda t: _split(per_task(params, t)), in_dims=(0,), chunk_size=run_chunk,
+                                         randomness="error")(tasks)
+            except RuntimeError as error:
+                if "randomness" not in str(error):
+                    raise
+                raise ValueError(
+                    "meta_batch: the per-task function draws random numbers under vmap (dropout in training mode?), "
+                    "which would tie or mix the randomness of the tasks; call module.eval() before functionalize, "
+                    "set the dropout probability to 0, or use meta_batch(..., mode='loop')"
+                ) from error
         else:
             outs = [_split(per_task(params, tasks.task_at(i))) for i in range(tasks.num_tasks)]
             loss = torch.stack([o[0] for o in outs])
