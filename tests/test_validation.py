@@ -245,3 +245,14 @@ def test_models_arguments():
         models.mlp(hidden=(40, 0))
     with pytest.raises(ValueError, match=r"^models: norm must be 'batch', 'layer', 'group' or 'none' \(got 'bn'\)"):
         models.mlp(norm="bn")
+
+
+def test_random_ops_under_vmap_get_the_fix():
+    torch.manual_seed(0)
+    model, params = functionalize(nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 3)))
+    run = meta_batch(maml(model, inner_lr=0.1).meta_loss, mode="vmap")
+    with pytest.raises(ValueError, match=r"^meta_batch: the per-task function draws random numbers under vmap .*"
+                                         r"module.eval\(\) before functionalize.*mode='loop'"):
+        run(params, _tasks())
+    loss, _ = meta_batch(maml(model, inner_lr=0.1).meta_loss, mode="loop")(params, _tasks())  # the loop is fine
+    assert torch.isfinite(loss)
