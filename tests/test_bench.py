@@ -34,10 +34,10 @@ def test_bench_table_and_json(tmp_path, capsys):
 
 
 def test_rss_memory_in_a_subprocess_grows_with_unrolled_steps():
-    # 4 tasks x 200 support examples x width 256: the unrolled graph of 30 steps holds hundreds of MiB of
+    # 4 tasks x 300 support examples x width 64: the unrolled graph of 30 steps holds hundreds of MiB of
     # activations; the checkpointed path holds one step's.
-    cfg = BenchConfig(model="mlp", width=256, paths=["exact", "checkpointed"], inner_steps=[30], meta_batch=4,
-                      shots=40, query=4, repeats=1, warmup=0, memory="rss")
+    cfg = BenchConfig(model="mlp", width=64, paths=["exact", "checkpointed"], inner_steps=[30], meta_batch=4,
+                      shots=60, query=1, repeats=1, warmup=0, memory="rss")
     rows = {r["path"]: r for r in run_bench(cfg, progress=False)}
     assert all(r["error"] is None for r in rows.values()), rows
     assert rows["exact"]["peak_mib"] > 50
