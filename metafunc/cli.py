@@ -112,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-episodes", type=int, default=600, help="held-out tasks of the sinusoid comparison")
     t.add_argument("--no-baseline", action="store_true", help="sinusoid: skip the pretrained baseline comparison")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--dist-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="under torchrun: a rank that dies or hangs stops the others within this many seconds "
+                        "(default 300)")
+    t.add_argument("--dist-backend", choices=("auto", "gloo", "nccl"), default="auto",
+                   help="under torchrun: auto (default) picks NCCL for a CUDA --device and gloo otherwise")
 
     e = sub.add_parser("evaluate", help="test accuracy (or MSE) of a checkpoint over many episodes, with 95% CI",
                        description="Evaluate a checkpoint on test episodes: mean and 95% CI = 1.96*std/sqrt(n).")
@@ -174,11 +179,34 @@ def _cmd_train(args: argparse.Namespace) -> int:
         torch.set_num_threads(cfg.threads)
     is_main = default_is_main()
     progress = not args.no_progress
-    if is_main:
-        print(f"metafunc train: {cfg.algorithm} on {cfg.dataset}, {cfg.iterations} iterations, meta-batch "
-              f"{cfg.meta_batch}, inner lr {cfg.inner_lr} x {cfg.inner_steps} step(s), Adam {cfg.outer_lr}, "
-              f"device {cfg.device}, out {cfg.out}" + (f" (resuming from {resume})" if resume else ""))
-    result = train(cfg, resume=resume, is_main=is_main, progress=progress)
+    from . import distributed
+
+    dist_kwargs: dict[str, Any] = {}
+    try:
+        if os.environ.get("WORLD_SIZE"):  # launched by torchrun (or any launcher that sets RANK, WORLD_SIZE, ...)
+            info = distributed.init_distributed(backend=args.dist_backend, timeout=args.dist_timeout,
+                                                device=cfg.device.split(":")[0])
+            if cfg.meta_batch < info.world_size:
+                raise ValueError(f"metafunc train: --meta-batch {cfg.meta_batch} is smaller than the "
+                                 f"{info.world_size} processes; every process needs at least one task")
+            if info.device.type == "cuda":
+                cfg = resolve_config(dataclasses.replace(cfg, device=str(info.device)))  # rank i: cuda:LOCAL_RANK
+            is_main = info.is_main
+            dist_kwargs = dict(meta_gradient_fn=distributed.distributed_meta_gradient, train_source=lambda src:
+                               distributed.ShardedSource(src, rank=info.rank, world_size=info.world_size))
+            if is_main and info.distributed:
+                print(f"metafunc train: {info.world_size} processes ({info.backend}), meta-batch {cfg.meta_batch} "
+                      f"split {distributed.shard_sizes(cfg.meta_batch, info.world_size)}, timeout "
+                      f"{info.timeout:g} s")
+        if is_main:
+            print(f"metafunc train: {cfg.algorithm} on {cfg.dataset}, {cfg.iterations} iterations, meta-batch "
+                  f"{cfg.meta_batch}, inner lr {cfg.inner_lr} x {cfg.inner_steps} step(s), Adam {cfg.outer_lr}, "
+                  f"device {cfg.device}, out {cfg.out}" + (f" (resuming from {resume})" if resume else ""))
+        result = train(cfg, resume=resume, is_main=is_main, progress=progress, **dist_kwargs)
+    except distributed.DistributedError as e:  # a rank died or hung: say so, exit non-zero (checkpoint intact)
+        print(f"metafunc train: error: {e}", file=sys.stderr, flush=True)
+        return 1
+    distributed.shutdown_distributed()
     if not is_main:
         return 0
     out = result.out

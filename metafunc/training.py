@@ -456,7 +456,8 @@ def _validate(exp: Experiment, cfg: TrainConfig, params: Params, iteration: int)
 def train(config: TrainConfig, *, resume: bool | str | os.PathLike = False,
           meta_gradient_fn: Callable[[Callable, Params, Task], tuple[Tensor, Metrics]] = meta_gradient,
           is_main: bool | None = None, progress: bool = True,
-          stop_after: int | None = None) -> TrainResult:
+          stop_after: int | None = None,
+          train_source: Callable[[TaskSource], TaskSource] | None = None) -> TrainResult:
     """Meta-train ``config.algorithm`` on ``config.dataset`` with Adam(``outer_lr``) for ``config.iterations``.
 
     Writes to ``config.out`` (main process only): ``config.json``, ``metrics.jsonl`` (one JSON record per
@@ -464,7 +465,9 @@ def train(config: TrainConfig, *, resume: bool | str | os.PathLike = False,
     ``checkpoint_every`` iterations and at the end) and ``learning_curve.png``. ``resume=True`` continues from
     ``OUT/checkpoint.pt`` (or the path given): parameters, optimizer and generator states are restored, so the
     result equals an uninterrupted run bit for bit. ``stop_after`` ends the run early after that many iterations
-    (as if interrupted; used to test resuming). ``config.threads`` is applied by the ``metafunc`` command, not here
+    (as if interrupted; used to test resuming). ``train_source`` wraps the training task source: a distributed run
+    passes ``lambda src: metafunc.distributed.ShardedSource(src, rank=r, world_size=n)`` so that each rank draws
+    only its share of every meta-batch. ``config.threads`` is applied by the ``metafunc`` command, not here
     (a library call leaves torch's thread count alone).
 
     Example:
@@ -479,6 +482,8 @@ def train(config: TrainConfig, *, resume: bool | str | os.PathLike = False,
         is_main = default_is_main()
     out = Path(cfg.out)
     exp = build_experiment(cfg)
+    if train_source is not None:
+        exp = exp._replace(sources={**exp.sources, "train": train_source(exp.sources["train"])})
     params = exp.params
     optimizer = torch.optim.Adam(params.values(), lr=cfg.outer_lr)
     generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
