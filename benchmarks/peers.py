@@ -122,26 +122,32 @@ def _sync(device: str) -> None:
 
 def time_cases(config: str, meta_batch: int, impls: tuple[str, ...], *, device: str, rounds: int,
                width: int = 64, progress: Any = None, warmup: bool = True) -> dict[str, list[float]]:
-    """Seconds per meta-step of each implementation: a warm-up, then ``rounds`` rounds alternating them."""
+    """Seconds per meta-step of each implementation: a warm-up, then ``rounds`` rounds alternating them.
+
+    Returns ``{impl: {"wall": [...], "cpu": [...]}}``: wall-clock seconds and this process's CPU seconds
+    (``time.process_time``, all threads). On a shared CPU the CPU time is the robust number: it does not count the
+    time the process waited for a core."""
     torch.manual_seed(0)
     module = conv4(width, protonet=config == "protonet").to(device)
     data = make_tasks(meta_batch, device=device)
     steps = {impl: build_step(impl, config, module, data) for impl in impls}
     steps = {k: v for k, v in steps.items() if v is not None}
     times: dict[str, list[float]] = {k: [] for k in steps}
+    cpu: dict[str, list[float]] = {k: [] for k in steps}
     for round_ in range(0 if warmup else 1, rounds + 1):
         order = list(steps) if round_ % 2 == 0 else list(reversed(steps))
         for impl in order:
             _sync(device)
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             steps[impl]()
             _sync(device)
             if round_ > 0:
                 times[impl].append(time.perf_counter() - start)
+                cpu[impl].append(time.process_time() - start_cpu)
             if progress is not None:
                 progress.set_postfix_str(f"{config} mb={meta_batch} {impl} {time.perf_counter() - start:.2f}s")
         gc.collect()
-    return times
+    return {k: {"wall": times[k], "cpu": cpu[k]} for k in times}
 
 
 def _rss() -> int:
@@ -198,12 +204,13 @@ def _fmt(x: float | None, spec: str) -> str:
 
 def table(rows: list[dict[str, Any]], *, markdown: bool) -> str:
     """Median seconds, peak MiB and their ratios to the fastest (leanest) peer of the same case."""
-    head = ["config", "tasks", "implementation", "grad rel. err (f64)", "median s", "x fastest peer",
-            "peak MiB", "x leanest peer", "note"]
+    head = ["config", "tasks", "implementation", "grad rel. err (f64)", "median wall s", "x fastest peer",
+            "median CPU s", "x fastest peer (CPU)", "peak MiB", "x leanest peer", "note"]
     lines = []
     for r in rows:
         lines.append([r["config"], str(r["meta_batch"]), r["impl"], _fmt(r.get("grad_error"), ".1e"),
                       _fmt(r.get("median_s"), ".3f"), _fmt(r.get("time_ratio"), ".2f"),
+                      _fmt(r.get("median_cpu_s"), ".3f"), _fmt(r.get("cpu_ratio"), ".2f"),
                       _fmt(None if r.get("peak_bytes") is None else r["peak_bytes"] / 2**20, ".0f"),
                       _fmt(r.get("memory_ratio"), ".2f"), r.get("note", "")])
     if markdown:
@@ -278,8 +285,10 @@ def main(argv: list[str] | None = None) -> int:
                 for impl in impls:
                     row: dict[str, Any] = dict(config=config, meta_batch=mb, impl=impl, grad_error=errors[impl])
                     if impl in times:
-                        row["median_s"] = statistics.median(times[impl])
-                        row["times_s"] = times[impl]
+                        row["median_s"] = statistics.median(times[impl]["wall"])
+                        row["times_s"] = times[impl]["wall"]
+                        row["median_cpu_s"] = statistics.median(times[impl]["cpu"])
+                        row["cpu_times_s"] = times[impl]["cpu"]
                         if args.memory:
                             row["peak_bytes"] = measure_memory(impl, config, mb, device=args.device,
                                                                width=args.width)
@@ -290,9 +299,12 @@ def main(argv: list[str] | None = None) -> int:
                     case.append(row)
                 peer_t = [r["median_s"] for r in case if r["impl"] in PEERS and r.get("median_s")]
                 peer_m = [r["peak_bytes"] for r in case if r["impl"] in PEERS and r.get("peak_bytes")]
+                peer_c = [r["median_cpu_s"] for r in case if r["impl"] in PEERS and r.get("median_cpu_s")]
                 for r in case:
                     if r.get("median_s") and peer_t:
                         r["time_ratio"] = r["median_s"] / min(peer_t)
+                    if r.get("median_cpu_s") and peer_c:
+                        r["cpu_ratio"] = r["median_cpu_s"] / min(peer_c)
                     if r.get("peak_bytes") and peer_m:
                         r["memory_ratio"] = r["peak_bytes"] / min(peer_m)
                 rows += case
