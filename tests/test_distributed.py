@@ -22,6 +22,7 @@ import torch
 import metafunc
 from metafunc import Task, functionalize, meta_batch, models, sinusoid_tasks
 from metafunc import distributed as D
+from metafunc.training import ALGORITHMS, TrainConfig, train
 from metafunc.tree import tree_relative_error
 
 HERE = Path(__file__).resolve()
@@ -118,6 +119,15 @@ def _reference_meta_grad(params: dict, tasks: Task, inner_steps: int = 2) -> dic
     return dict(zip(names, torch.autograd.grad(outer, [params[k] for k in names])))
 
 
+def _train_loop(algorithm: str, rank: int, world_size: int, out: str) -> dict:
+    """2 iterations of ``metafunc.training.train`` with the hooks the CLI passes under torchrun (no files written)."""
+    cfg = TrainConfig(algorithm=algorithm, dataset="synthetic", meta_batch=META_BATCH, iterations=2, width=8,
+                      val_every=0, checkpoint_every=0, inner_steps=1, out=out)
+    result = train(cfg, is_main=False, progress=False, meta_gradient_fn=D.distributed_meta_gradient,
+                   train_source=lambda src: D.ShardedSource(src, rank=rank, world_size=world_size))
+    return {k: v.detach().clone() for k, v in result.params.items()}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # workers (run in child processes)
 # ----------------------------------------------------------------------------------------------------------------
@@ -153,37 +163,9 @@ def worker_equivalence(out: str) -> None:
     result["grads_fn"] = D.sharded_meta_grad(fo_grads, returns="grads")(params, tasks)[0]
     result["train_maml"] = _train("maml", 3, rank=info.rank, world_size=info.world_size, mode="vmap")
     result["train_protonet"] = _train("protonet", 3, rank=info.rank, world_size=info.world_size, mode="loop")
+    torch.set_default_dtype(torch.float32)      # the training loop's models and task sources are float32
+    result["algorithms"] = {name: _train_loop(name, info.rank, info.world_size, out) for name in ALGORITHMS}
     torch.save(result, Path(out) / f"rank{info.rank}.pt")
-    D.shutdown_distributed()
-
-
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def worker_train(out: str, steps: str, timeout: str, resume: str) -> None:
-    """A training run that checkpoints every step on rank 0 (the CLI's job, reduced to what the fault test needs)."""
-    torch.set_default_dtype(torch.float64)
-    info = D.init_distributed(timeout=float(timeout))
-    ckpt = Path(out) / "checkpoint.pt"
-    state = None
-    if resume == "1":
-        state = D.broadcast_object(torch.load(ckpt, weights_only=True) if info.is_main else None)
-
-    def on_step(step, params, opt, generator):
-        if info.is_main:
-            _atomic_save({"step": step, "params": {k: v.detach() for k, v in params.items()},
-                          "optimizer": opt.state_dict(), "generator": generator.get_state()}, ckpt)
-        time.sleep(0.15)   # slow enough for the test to act mid-training
-
-    try:
-        _train("maml", int(steps), rank=info.rank, world_size=info.world_size, state=state, on_step=on_step)
-    except D.DistributedError as e:
-        print(f"error at {time.time():.3f}: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
-    print(f"rank {info.rank}: done", flush=True)
     D.shutdown_distributed()
 
 
@@ -198,6 +180,8 @@ def _free_port() -> int:
 
 
 def _launch(world_size: int, *args: str) -> list[subprocess.Popen]:
+    """``world_size`` processes of ``python ARGS`` with the variables torchrun sets (``WORLD_SIZE=1``: one rank
+    that still takes the distributed path of the CLI)."""
     port = _free_port()
     procs = []
     for rank in range(world_size):
@@ -205,10 +189,7 @@ def _launch(world_size: int, *args: str) -> list[subprocess.Popen]:
                "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
                "OMP_NUM_THREADS": "1"}
-        if world_size == 1:
-            for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
-                env.pop(k)
-        procs.append(subprocess.Popen([sys.executable, str(HERE), *args], env=env, stdout=subprocess.PIPE,
+        procs.append(subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
     return procs
 
@@ -339,7 +320,7 @@ def test_init_distributed_without_a_launcher_is_a_single_process(monkeypatch):
 # ----------------------------------------------------------------------------------------------------------------
 
 def test_two_ranks_equal_one_process_on_the_whole_meta_batch(tmp_path, float64):
-    procs = _launch(2, "worker_equivalence", str(tmp_path))
+    procs = _launch(2, str(HERE), "worker_equivalence", str(tmp_path))
     for rc, log in _finish(procs):
         assert rc == 0, log
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
@@ -353,6 +334,10 @@ def test_two_ranks_equal_one_process_on_the_whole_meta_batch(tmp_path, float64):
     fo_reference = dict(zip(params, torch.autograd.grad(fo_loss, list(params.values()))))
     maml_loss, _ = meta_batch(_learner("maml", model).meta_loss)(params, whole)
     trained = {"train_maml": _train("maml", 3, mode="vmap"), "train_protonet": _train("protonet", 3, mode="loop")}
+    torch.set_default_dtype(torch.float32)
+    # every algorithm of the CLI (the workers' registry; tests in this process may have registered more)
+    loops = {name: _train_loop(name, 0, 1, str(tmp_path)) for name in ranks[0]["algorithms"]}
+    torch.set_default_dtype(torch.float64)
     for result in ranks:
         for mode in ("vmap", "loop"):
             assert tree_relative_error(result[f"backward_{mode}"], reference) < 1e-10, mode
@@ -362,49 +347,98 @@ def test_two_ranks_equal_one_process_on_the_whole_meta_batch(tmp_path, float64):
         for name, single in trained.items():
             assert tree_relative_error(result[name], single) < 1e-10, name
             assert tree_relative_error(result[name], _setup(name.split("_")[1])[0]) > 1e-3, name   # training moved the parameters
+        assert {"maml", "fomaml", "anil", "boil", "meta_sgd", "reptile", "protonet", "matching_net", "proto_maml",
+                "fo_proto_maml"} <= set(result["algorithms"])
+        for name, single in loops.items():      # float32: rounding only
+            assert tree_relative_error(result["algorithms"][name], single) < 1e-5, name
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the CLI: torchrun -m metafunc train
+# ----------------------------------------------------------------------------------------------------------------
+
+TRAIN = ("-m", "metafunc", "train", "--dataset", "synthetic", "--algorithm", "maml", "--meta-batch", "5",
+         "--width", "8", "--val-every", "0", "--val-episodes", "5", "--no-progress", "--threads", "1")
+
+
+def _torchrun(nprocs: int, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nprocs}",
+                             "--master_addr=127.0.0.1", f"--master_port={_free_port()}", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if '"split": "train"' in line]
+
+
+@pytest.mark.slow
+def test_cli_under_torchrun_equals_one_rank_and_resumes_with_another_number_of_ranks(tmp_path):
+    two = _torchrun(2, *TRAIN, "--iterations", "3", "--out", str(tmp_path / "a"))
+    # what the CLI runs on 1 rank (WORLD_SIZE=1), computed here while the 2 ranks train
+    cfg = TrainConfig(algorithm="maml", dataset="synthetic", meta_batch=5, width=8, val_every=0, iterations=5,
+                      out=str(tmp_path / "b"))
+    one = train(cfg, is_main=False, progress=False, meta_gradient_fn=D.distributed_meta_gradient,
+                train_source=lambda src: D.ShardedSource(src, rank=0, world_size=1))
+    for rc, log in _finish([two]):
+        assert rc == 0, log
+    assert "2 processes (gloo), meta-batch 5 split [3, 2]" in log
+    a = _records(tmp_path / "a" / "metrics.jsonl")
+    b = [r for r in one.records if r["split"] == "train"]
+    assert [r["iteration"] for r in a] == [1, 2, 3]
+    for ra, rb in zip(a, b[:3]):                    # the same whole meta-batches, float32 rounding only
+        assert abs(ra["objective"] - rb["objective"]) < 1e-5 * abs(rb["objective"]), (ra, rb)
+    # the 2-rank run continues on 1 rank and ends where the uninterrupted 1-rank run ends
+    resumed = _launch(1, *TRAIN, "--iterations", "5", "--out", str(tmp_path / "a"), "--resume")
+    for rc, log in _finish(resumed):
+        assert rc == 0, log
+    final_a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
+    assert final_a["iteration"] == 5
+    assert tree_relative_error(final_a["params"], one.params) < 1e-5
+    assert [r["iteration"] for r in _records(tmp_path / "a" / "metrics.jsonl")] == [1, 2, 3, 4, 5]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fault", ["kill", "hang"])
-def test_a_dead_or_hung_rank_stops_the_other_within_the_timeout_and_the_run_resumes(tmp_path, fault, float64):
-    timeout, steps = 4.0, 12
-    procs = _launch(2, "worker_train", str(tmp_path), str(steps), str(timeout), "0")
+def test_a_dead_or_hung_rank_stops_the_other_within_the_timeout_and_the_run_resumes(tmp_path, fault):
+    timeout = 4
+    run = (*TRAIN, "--iterations", "100000", "--checkpoint-every", "1", "--dist-timeout", str(timeout),
+           "--out", str(tmp_path))
+    procs = _launch(2, *run)
     ckpt = tmp_path / "checkpoint.pt"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:       # wait until training is under way (a checkpoint at step >= 3)
-        if ckpt.exists() and torch.load(ckpt, weights_only=True)["step"] >= 3:
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:       # wait until training is under way (a checkpoint at iteration >= 3)
+        if ckpt.exists() and torch.load(ckpt, weights_only=True)["iteration"] >= 3:
             break
         assert procs[0].poll() is None, procs[0].communicate()
         time.sleep(0.05)
     else:
-        pytest.fail("training did not reach step 3")
+        pytest.fail("training did not reach iteration 3")
     os.kill(procs[1].pid, signal.SIGKILL if fault == "kill" else signal.SIGSTOP)
-    t0 = time.time()
+    t0 = time.monotonic()
     try:
         _, err = procs[0].communicate(timeout=timeout + 60)
     finally:
         os.kill(procs[1].pid, signal.SIGKILL)
         procs[1].wait()
-    assert procs[0].returncode != 0
-    assert "all_reduce of the meta-gradient" in err and "failed on rank 0 of 2 (gloo, timeout 4s)" in err, err
-    assert "another rank died, hung or stopped answering" in err
-    detected = float(err.split("error at ")[1].split(":")[0]) - t0     # when rank 0 raised, after the fault
-    assert detected < timeout + 3, (detected, err)
+    elapsed = time.monotonic() - t0
+    assert procs[0].returncode == 1, err
+    assert "metafunc train: error: metafunc.distributed: all_reduce of the meta-gradient" in err, err
+    assert "failed on rank 0 of 2 (gloo, timeout 4s): another rank died, hung or stopped answering" in err, err
+    assert elapsed < timeout + 15, (elapsed, err)   # the error itself comes at once (kill) or at the timeout (hang)
     if fault == "hang":
-        assert detected >= timeout - 0.5 and "Timed out" in err, (detected, err)
+        assert elapsed >= timeout - 0.5 and "Timed out" in err, (elapsed, err)
 
     saved = torch.load(ckpt, weights_only=True)            # the last complete checkpoint is intact
-    assert 3 <= saved["step"] < steps
+    assert saved["iteration"] >= 3 and saved["format"] == "metafunc-checkpoint"
     if fault == "hang":
         return                                             # resuming is shown once, after the kill
-    # resume with another number of ranks (the stream of meta-batches does not depend on it)
-    resumed = _launch(1, "worker_train", str(tmp_path), str(steps), str(timeout), "1")
+    target = saved["iteration"] + 2                        # resume on 1 rank (another number of ranks)
+    resumed = _launch(1, *TRAIN, "--iterations", str(target), "--out", str(tmp_path), "--resume")
     for rc, log in _finish(resumed):
         assert rc == 0, log
-    final = torch.load(ckpt, weights_only=True)
-    assert final["step"] == steps
-    uninterrupted = _train("maml", steps)
-    assert tree_relative_error(final["params"], uninterrupted) < 1e-10
+    assert torch.load(ckpt, weights_only=True)["iteration"] == target
 
 
 if __name__ == "__main__":
