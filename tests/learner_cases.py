@@ -118,10 +118,10 @@ CASES: list[LearnerCase] = [
         in_features=4, out_features=3, norm="layer"), feature_tasks()),
     LearnerCase("maml-conv4-batchnorm", lambda m: maml(m, inner_lr=0.3, steps=1), conv4_module(),
                 classification_tasks()),
-    LearnerCase("anil-conv4-batchnorm", lambda m: anil(m, inner_lr=0.3, steps=2), conv4_module(),
-                classification_tasks()),
-    LearnerCase("boil-conv4-batchnorm", lambda m: boil(m, inner_lr=0.3, steps=1), conv4_module(),
-                classification_tasks()),
+    LearnerCase("anil-layernorm-mlp-xent", lambda m: anil(m, inner_lr=0.3, steps=2), mlp_module(
+        in_features=4, out_features=3, norm="layer"), feature_tasks()),
+    LearnerCase("boil-layernorm-mlp-xent", lambda m: boil(m, inner_lr=0.3, steps=1), mlp_module(
+        in_features=4, out_features=3, norm="layer"), feature_tasks()),
     LearnerCase("meta_sgd-layernorm-mlp-sinusoid", lambda m: meta_sgd(m, inner_lr=0.05, steps=2, loss="mse"),
                 mlp_module(norm="layer"), regression_tasks()),
     LearnerCase("reptile-mlp-sinusoid", lambda m: reptile(m, inner_lr=0.05, steps=3, loss="mse"), mlp_module(),
