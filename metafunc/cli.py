@@ -184,11 +184,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     dist_kwargs: dict[str, Any] = {}
     try:
         if os.environ.get("WORLD_SIZE"):  # launched by torchrun (or any launcher that sets RANK, WORLD_SIZE, ...)
+            world_size = int(os.environ["WORLD_SIZE"])
+            if cfg.meta_batch < world_size:  # checked before the rendezvous, so every rank says it at once
+                raise ValueError(f"metafunc train: --meta-batch {cfg.meta_batch} is smaller than the {world_size} "
+                                 "processes; every process needs at least one task")
             info = distributed.init_distributed(backend=args.dist_backend, timeout=args.dist_timeout,
                                                 device=cfg.device.split(":")[0])
-            if cfg.meta_batch < info.world_size:
-                raise ValueError(f"metafunc train: --meta-batch {cfg.meta_batch} is smaller than the "
-                                 f"{info.world_size} processes; every process needs at least one task")
             if info.device.type == "cuda":
                 cfg = resolve_config(dataclasses.replace(cfg, device=str(info.device)))  # rank i: cuda:LOCAL_RANK
             is_main = info.is_main

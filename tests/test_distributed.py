@@ -373,6 +373,17 @@ def _records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if '"split": "train"' in line]
 
 
+def test_cli_refuses_fewer_tasks_than_processes_before_the_rendezvous(tmp_path, monkeypatch, capsys):
+    from metafunc.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("RANK", "1")
+    code = main(["train", "--dataset", "synthetic", "--meta-batch", "2", "--iterations", "1", "--no-progress",
+                 "--out", str(tmp_path)])
+    assert code == 2
+    assert "--meta-batch 2 is smaller than the 3 processes" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_cli_under_torchrun_equals_one_rank_and_resumes_with_another_number_of_ranks(tmp_path):
     two = _torchrun(2, *TRAIN, "--iterations", "3", "--out", str(tmp_path / "a"))
