@@ -6,7 +6,8 @@ machine, one run. Before timing a configuration, every implementation's meta-gra
 timed. Times are medians over rounds in which the implementations alternate (the machine is shared, so only
 side-by-side ratios mean anything). Peak memory (``--memory``): each case runs once in a fresh subprocess; on a CPU
 the number is the peak resident set size during one meta-step above the resident size just before it
-(``ru_maxrss`` after the step minus the RSS before, after a warm-up step and ``malloc_trim``); on CUDA it is
+(``ru_maxrss`` after the step minus the RSS before, after a warm-up step and ``malloc_trim``, with glibc's mmap
+threshold fixed at 64 KiB so that freed tensors leave the RSS at once); on CUDA it is
 ``torch.cuda.max_memory_allocated`` above the allocation before the step.
 
     python benchmarks/peers.py                        # the full table on this CPU
@@ -191,7 +192,7 @@ def measure_memory(impl: str, config: str, meta_batch: int, *, device: str, widt
     """Peak bytes of one meta-step above the baseline, measured in a fresh subprocess."""
     spec = json.dumps(dict(impl=impl, config=config, meta_batch=meta_batch, device=device, width=width))
     out = subprocess.run([sys.executable, __file__, "--memory-worker", spec], capture_output=True, text=True,
-                         env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                         env={**os.environ, "PYTHONWARNINGS": "ignore", "MALLOC_MMAP_THRESHOLD_": "65536"})
     if out.returncode != 0:
         print(out.stderr[-2000:], file=sys.stderr)
         return None
@@ -254,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check-width", type=int, default=None,
                         help="Conv-4 filters of the float64 gradient check (default: --width)")
     parser.add_argument("--no-warmup", action="store_true", help="time from the first step (large, slow cases)")
+    parser.add_argument("--memory-only", action="store_true", help="measure peak memory, no timing")
     parser.add_argument("--memory", action="store_true", help="also measure peak memory, one subprocess per case")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--markdown", action="store_true")
@@ -279,12 +281,14 @@ def main(argv: list[str] | None = None) -> int:
             bar.update()
             ok = tuple(i for i in impls if errors[i] is not None and errors[i] < 1e-10)
             for mb in args.meta_batch:
-                times = time_cases(config, mb, ok, device=args.device, rounds=args.rounds, width=args.width,
+                times = {} if args.memory_only else time_cases(config, mb, ok, device=args.device, rounds=args.rounds, width=args.width,
                                    progress=bar, warmup=not args.no_warmup)
                 case = []
                 for impl in impls:
                     row: dict[str, Any] = dict(config=config, meta_batch=mb, impl=impl, grad_error=errors[impl])
-                    if impl in times:
+                    if args.memory_only and impl in ok:
+                        row["peak_bytes"] = measure_memory(impl, config, mb, device=args.device, width=args.width)
+                    elif impl in times:
                         row["median_s"] = statistics.median(times[impl]["wall"])
                         row["times_s"] = times[impl]["wall"]
                         row["median_cpu_s"] = statistics.median(times[impl]["cpu"])
