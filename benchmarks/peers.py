@@ -14,7 +14,7 @@ threshold fixed at 64 KiB so that freed tensors leave the RSS at once); on CUDA 
     python benchmarks/peers.py --configs maml2-1 --meta-batch 4 16 32 --memory --markdown
     python benchmarks/peers.py --device cuda          # on a GPU
 
-Install the peers with ``pip install -e .[peers] --no-deps`` style care: see ``docs/readme/performance.md``.
+Install the peers with ``pip install -e .[peers] --no-deps`` style care: see the Performance section of README.md.
 """
 
 from __future__ import annotations
