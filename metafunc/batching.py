@@ -91,6 +91,17 @@ def resolve_mode(params: Params, tasks: Task, *, mode: str = "auto",
     return "vmap", None if fits >= tasks.num_tasks else fits
 
 
+def check_batching_options(caller: str, mode: str, chunk_size: int | None) -> None:
+    """Eager checks of ``mode`` and ``chunk_size``, shared by :func:`meta_batch` and ``meta_value_and_grad``."""
+    if mode != "auto":
+        try:
+            check_choice(caller, "mode", mode, MODES)
+        except ValueError as error:
+            raise ValueError(f"{error}; or 'auto' (the default) to pick one per device and model size") from None
+    if chunk_size is not None:
+        check_steps(caller, "chunk_size", chunk_size)
+
+
 def meta_batch(
     per_task: PerTaskFn | Callable[[Params, Task], Tensor],
     *,
@@ -122,14 +133,8 @@ def meta_batch(
     """
     if not callable(per_task):
         raise TypeError(f"meta_batch: per_task must be callable (got {type(per_task).__name__})")
-    if mode != "auto":
-        try:
-            check_choice("meta_batch", "mode", mode, MODES)
-        except ValueError as error:
-            raise ValueError(f"{error}; or 'auto' (the default) to pick one per device and model size") from None
+    check_batching_options("meta_batch", mode, chunk_size)
     check_choice("meta_batch", "reduce", reduce, ("mean", "sum", "none"))
-    if chunk_size is not None:
-        check_steps("meta_batch", "chunk_size", chunk_size)
     learner_check = getattr(per_task, "validate", None)
 
     def reduce_fn(x: Tensor) -> Tensor:

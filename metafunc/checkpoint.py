@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ._types import Params
 
-__all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "save_checkpoint", "load_checkpoint", "check_compatible",
+__all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "save_checkpoint", "save_atomic", "load_checkpoint", "check_compatible",
            "param_signature"]
 
 CHECKPOINT_FORMAT = "metafunc-checkpoint"
@@ -62,10 +62,25 @@ def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> Path:
         raise ValueError(f"save_checkpoint: path {str(path)!r} is a folder; give a file name such as {str(path / 'checkpoint.pt')!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}
+    return save_atomic(payload, path)
+
+
+def save_atomic(obj: object, path: str | os.PathLike) -> Path:
+    """``torch.save`` into a temp file in the same folder, fsync, then ``os.replace``: a crash never leaves a
+    half-written file at ``path`` (the previous file, if any, stays intact).
+
+    Example:
+        >>> import tempfile, os
+        >>> p = save_atomic({"x": torch.ones(2)}, os.path.join(tempfile.mkdtemp(), "cache.pt"))
+        >>> torch.load(p, weights_only=True)["x"]
+        tensor([1., 1.])
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
+            torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

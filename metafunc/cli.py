@@ -206,6 +206,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
         result = train(cfg, resume=resume, is_main=is_main, progress=progress, **dist_kwargs)
     except distributed.DistributedError as e:  # a rank died or hung: say so, exit non-zero (checkpoint intact)
         print(f"metafunc train: error: {e}", file=sys.stderr, flush=True)
+        import torch.distributed as torch_distributed
+
+        if torch_distributed.is_available() and torch_distributed.is_initialized():
+            # The broken process group's destructor can abort (SIGABRT) at interpreter exit; leave now, with the
+            # status that says what happened (the checkpoint on disk is complete: it is written atomically).
+            sys.stdout.flush()
+            os._exit(1)
         return 1
     distributed.shutdown_distributed()
     if not is_main:

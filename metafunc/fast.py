@@ -17,8 +17,8 @@ import torch
 from torch import Tensor
 
 from ._types import Metrics, Params, PerTaskFn, Task
-from ._validation import check_choice, check_steps, check_task
-from .batching import MODES, meta_batch, resolve_mode
+from ._validation import check_task
+from .batching import check_batching_options, meta_batch, resolve_mode
 
 __all__ = ["meta_value_and_grad"]
 
@@ -51,13 +51,7 @@ def meta_value_and_grad(
     """
     if not callable(per_task):
         raise TypeError(f"meta_value_and_grad: per_task must be callable (got {type(per_task).__name__})")
-    if mode != "auto":
-        try:
-            check_choice("meta_value_and_grad", "mode", mode, MODES)
-        except ValueError as error:
-            raise ValueError(f"{error}; or 'auto' (the default) to pick one per device and model size") from None
-    if chunk_size is not None:
-        check_steps("meta_value_and_grad", "chunk_size", chunk_size)
+    check_batching_options("meta_value_and_grad", mode, chunk_size)
     learner_check = getattr(per_task, "validate", None)
 
     @functools.wraps(per_task)

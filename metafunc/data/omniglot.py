@@ -33,6 +33,7 @@ from typing import Literal, NamedTuple, Sequence
 import torch
 from torch import Tensor
 
+from ..checkpoint import save_atomic
 from .episodes import EpisodeSampler
 
 __all__ = [
@@ -238,20 +239,6 @@ def _default_cache_dir() -> Path:
     return Path(os.environ.get("METAFUNC_CACHE", Path.home() / ".cache" / "metafunc")).expanduser()
 
 
-def _save_atomic(obj: object, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def load_omniglot(
     root: str | os.PathLike,
     *,
@@ -326,7 +313,7 @@ def load_omniglot(
     index = {c: i for i, c in enumerate(characters)}
     data = Omniglot(torch.stack(images), torch.tensor([index[c] for c in owners], dtype=torch.int64), characters)
     try:
-        _save_atomic({"images": data.images, "labels": data.labels, "characters": data.characters}, cache_file)
+        save_atomic({"images": data.images, "labels": data.labels, "characters": data.characters}, cache_file)
     except OSError:
         pass  # a read-only cache folder only costs speed
     return data
