@@ -42,12 +42,7 @@ KNOWN_GAPS: dict[str, set[str]] = {
 
 # Modules whose examples are too slow for this suite's budget (they are exercised by their own tests).
 DOCTESTS_SKIPPED: dict[str, str] = {
-    "metafunc.paths": "its examples run checkpointed MAML (~30 s on a 2-core CPU)",
-    "metafunc.paths.checkpointed": "its examples run checkpointed MAML (~30 s on a 2-core CPU)",
     "metafunc.bench": "its examples run whole benchmarks (~20 s) and print tables they do not expect",
-    "metafunc.training": "its examples meta-train models (~10 s)",
-    "metafunc.paths.one_step": "its examples take ~30 s on a loaded 2-core CPU",
-    "metafunc.paths.implicit": "its examples take ~20 s on a loaded 2-core CPU",
 }
 
 
