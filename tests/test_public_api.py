@@ -42,7 +42,6 @@ KNOWN_GAPS: dict[str, set[str]] = {
 
 # Modules whose examples are too slow for this suite's budget (they are exercised by their own tests).
 DOCTESTS_SKIPPED: dict[str, str] = {
-    "metafunc.bench": "its examples run whole benchmarks (~20 s) and print tables they do not expect",
 }
 
 
