@@ -609,6 +609,13 @@ def plot_learning_curve(records: Iterable[dict[str, Any]], path: str | os.PathLi
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
+    return _save_figure(fig, path)
+
+
+def _save_figure(fig: Any, path: str | os.PathLike) -> Path:
+    """Write a matplotlib figure atomically (temp file, then ``os.replace``) and close it."""
+    import matplotlib.pyplot as plt
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
@@ -758,10 +765,4 @@ def plot_sinusoid_adaptation(result: TrainResult, baseline_params: Params, path:
             if c == 0:
                 ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return _save_figure(fig, path)

@@ -12,7 +12,7 @@ from torch import Tensor
 from .._types import Metrics, ModelFn, Params, Task
 from .._validation import check_positive, check_steps
 from ._base import MetaLearner, check_model, task_metrics
-from .protonet import WaysResolver, attach_metric_checks, check_ways, one_hot
+from .protonet import WaysResolver, check_ways, metric_objectives, one_hot
 
 __all__ = ["matching_net", "FCE_PREFIX", "SUPPORT_FEATURES_KEY", "SUPPORT_LABELS_KEY"]
 
@@ -151,14 +151,6 @@ def matching_net(encoder: ModelFn, *, ways: int | None = None, temperature: floa
         loss = F.nll_loss(out, task.query_y)
         return loss, task_metrics(out, task.query_y, loss, True)
 
-    def meta_loss(params: Params, task: Task) -> tuple[Tensor, Metrics]:
-        return score(params, task)
-
-    def evaluate(params: Params, task: Task, *, steps: int | None = None) -> tuple[Tensor, Metrics]:
-        with torch.no_grad():
-            loss, metrics = score(params, task)
-        return loss.detach(), metrics
-
     def predict(task_params: Params, x: Tensor) -> Tensor:
         if SUPPORT_FEATURES_KEY not in task_params:
             raise ValueError(f"{name}: predict needs the task parameters returned by adapt "
@@ -166,9 +158,9 @@ def matching_net(encoder: ModelFn, *, ways: int | None = None, temperature: floa
         query = encoder(encoder_params(task_params), x)
         return log_probs(task_params, task_params[SUPPORT_FEATURES_KEY], task_params[SUPPORT_LABELS_KEY], query)
 
-    meta_loss.__name__, evaluate.__name__ = "matching_net_meta_loss", "matching_net_evaluate"
+    meta_loss, evaluate = metric_objectives(name, score, encoder=encoder, ways=resolve_ways,
+                                            encoder_params=encoder_params)
     for fn in (meta_loss, evaluate):
-        attach_metric_checks(fn, caller=name, encoder=encoder, ways=resolve_ways, encoder_params=encoder_params)
         inner_validate = fn.validate  # type: ignore[attr-defined]
 
         def validate(params: Params, tasks: Task, vmapped: bool = True, batched: bool = True,

@@ -149,6 +149,28 @@ def attach_metric_checks(fn: Callable, *, caller: str, encoder: ModelFn, ways: W
     return fn
 
 
+def metric_objectives(name: str, score: Callable[[Params, Task], tuple[Tensor, Metrics]], *, encoder: ModelFn,
+                      ways: WaysResolver, encoder_params: Callable[[Params], Params]) -> tuple[Callable, Callable]:
+    """``(meta_loss, evaluate)`` of a metric learner from its per-task ``score``, with the eager checks attached.
+
+    A metric learner has no inner loop: ``meta_loss`` is the query loss of ``score`` and ``evaluate`` the same without
+    a graph (its ``steps`` argument is accepted for the :class:`MetaLearner` contract and ignored).
+    """
+
+    def meta_loss(params: Params, task: Task) -> tuple[Tensor, Metrics]:
+        return score(params, task)
+
+    def evaluate(params: Params, task: Task, *, steps: int | None = None) -> tuple[Tensor, Metrics]:
+        with torch.no_grad():
+            loss, metrics = score(params, task)
+        return loss.detach(), metrics
+
+    meta_loss.__name__, evaluate.__name__ = f"{name}_meta_loss", f"{name}_evaluate"
+    for fn in (meta_loss, evaluate):
+        attach_metric_checks(fn, caller=name, encoder=encoder, ways=ways, encoder_params=encoder_params)
+    return meta_loss, evaluate
+
+
 def protonet(encoder: ModelFn, *, ways: int | None = None) -> MetaLearner:
     """Prototypical Networks (Snell et al., 2017): logits are negative squared Euclidean distances from the embedded
     queries to the class means (prototypes) of the embedded support set.
@@ -192,21 +214,12 @@ def protonet(encoder: ModelFn, *, ways: int | None = None) -> MetaLearner:
         loss = F.cross_entropy(logits, task.query_y)
         return loss, task_metrics(logits, task.query_y, loss, True)
 
-    def meta_loss(params: Params, task: Task) -> tuple[Tensor, Metrics]:
-        return score(params, task)
-
-    def evaluate(params: Params, task: Task, *, steps: int | None = None) -> tuple[Tensor, Metrics]:
-        with torch.no_grad():
-            loss, metrics = score(params, task)
-        return loss.detach(), metrics
-
     def predict(task_params: Params, x: Tensor) -> Tensor:
         if PROTOTYPES_KEY not in task_params:
             raise ValueError(f"protonet: predict needs the task parameters returned by adapt (no {PROTOTYPES_KEY!r} key)")
         return logits_of(task_params, task_params[PROTOTYPES_KEY], x)
 
-    meta_loss.__name__, evaluate.__name__ = "protonet_meta_loss", "protonet_evaluate"
-    for fn in (meta_loss, evaluate):
-        attach_metric_checks(fn, caller=name, encoder=encoder, ways=resolve_ways, encoder_params=encoder_params)
+    meta_loss, evaluate = metric_objectives(name, score, encoder=encoder, ways=resolve_ways,
+                                            encoder_params=encoder_params)
     return MetaLearner(name=name, init=lambda p: dict(p), adapt=adapt, meta_loss=meta_loss, evaluate=evaluate,
                        predict=predict, second_order=False, model=encoder)
