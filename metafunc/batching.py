@@ -102,6 +102,18 @@ def check_batching_options(caller: str, mode: str, chunk_size: int | None) -> No
         check_steps(caller, "chunk_size", chunk_size)
 
 
+def checked_tasks(caller: str, per_task: Callable, params: Params, tasks: Task, *, mode: str, validate: bool) -> Task:
+    """The eager checks before any transform: task shapes, then the learner's own ``validate`` (labels, parameter
+    names, models refused under vmap at second order); with ``validate=False`` only the container is rebuilt."""
+    if not validate:
+        return Task(*tasks)
+    tasks = check_task(tasks, caller=caller)
+    learner_check = getattr(per_task, "validate", None)
+    if learner_check is not None:
+        learner_check(params, tasks, vmapped=mode != "loop")
+    return tasks
+
+
 def meta_batch(
     per_task: PerTaskFn | Callable[[Params, Task], Tensor],
     *,
@@ -135,7 +147,6 @@ def meta_batch(
         raise TypeError(f"meta_batch: per_task must be callable (got {type(per_task).__name__})")
     check_batching_options("meta_batch", mode, chunk_size)
     check_choice("meta_batch", "reduce", reduce, ("mean", "sum", "none"))
-    learner_check = getattr(per_task, "validate", None)
 
     def reduce_fn(x: Tensor) -> Tensor:
         if reduce == "mean":
@@ -146,12 +157,7 @@ def meta_batch(
 
     @functools.wraps(per_task)
     def batched(params: Params, tasks: Task) -> tuple[Tensor, Metrics]:
-        if validate:
-            tasks = check_task(tasks, caller="meta_batch")
-            if learner_check is not None:
-                learner_check(params, tasks, vmapped=mode != "loop")
-        else:
-            tasks = Task(*tasks)
+        tasks = checked_tasks("meta_batch", per_task, params, tasks, mode=mode, validate=validate)
         run_mode, run_chunk = resolve_mode(params, tasks, mode=mode, chunk_size=chunk_size)
         if run_mode == "vmap":
             try:

@@ -17,8 +17,7 @@ import torch
 from torch import Tensor
 
 from ._types import Metrics, Params, PerTaskFn, Task
-from ._validation import check_task
-from .batching import check_batching_options, meta_batch, resolve_mode
+from .batching import check_batching_options, checked_tasks, meta_batch, resolve_mode
 
 __all__ = ["meta_value_and_grad"]
 
@@ -52,18 +51,12 @@ def meta_value_and_grad(
     if not callable(per_task):
         raise TypeError(f"meta_value_and_grad: per_task must be callable (got {type(per_task).__name__})")
     check_batching_options("meta_value_and_grad", mode, chunk_size)
-    learner_check = getattr(per_task, "validate", None)
 
     @functools.wraps(per_task)
     def step(params: Params, tasks: Task) -> tuple[Tensor, Metrics, Params]:
         if not isinstance(params, dict):
             raise TypeError(f"meta_value_and_grad: params must be a dict of tensors (got {type(params).__name__})")
-        if validate:
-            tasks = check_task(tasks, caller="meta_value_and_grad")
-            if learner_check is not None:
-                learner_check(params, tasks, vmapped=mode != "loop")
-        else:
-            tasks = Task(*tasks)
+        tasks = checked_tasks("meta_value_and_grad", per_task, params, tasks, mode=mode, validate=validate)
         names = [k for k, v in params.items() if isinstance(v, Tensor) and v.requires_grad]
         if not names:
             raise ValueError("meta_value_and_grad: no parameter requires grad; pass leaves from functionalize(module) "
