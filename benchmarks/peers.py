@@ -6,7 +6,7 @@ machine, one run. Before timing a configuration, every implementation's meta-gra
 timed. Times are medians over rounds in which the implementations alternate (the machine is shared, so only
 side-by-side ratios mean anything). Peak memory (``--memory``): each case runs once in a fresh subprocess; on a CPU
 the number is the peak resident set size during one meta-step above the resident size just before it
-(``ru_maxrss`` after the step minus the RSS before, after a warm-up step and ``malloc_trim``, with glibc's mmap
+(``VmHWM`` of ``/proc/self/status``, reset before the step, minus the RSS before, after a warm-up step and ``malloc_trim``, with glibc's mmap
 threshold fixed at 64 KiB so that freed tensors leave the RSS at once); on CUDA it is
 ``torch.cuda.max_memory_allocated`` above the allocation before the step.
 
@@ -25,7 +25,6 @@ import ctypes
 import gc
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -53,7 +52,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
 }
 """``maml<order>-<inner steps>`` and ``protonet``."""
 
-IMPLS = ("metafunc", "metafunc:meta_batch-auto", "metafunc:loop", "metafunc:vmap", "metafunc:vmap-chunk4",
+IMPLS = ("metafunc", "metafunc:workers1", "metafunc:compiled", "metafunc:meta_batch-auto", "metafunc:loop", "metafunc:vmap", "metafunc:vmap-chunk4",
          "plain", "higher", "learn2learn", "torchopt")
 """Rows of the table; ``metafunc`` is ``meta_value_and_grad`` with ``mode="auto"``, the default fast meta-step."""
 
@@ -156,6 +155,14 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _peak_rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def _memory_worker(spec: str) -> int:
     args = json.loads(spec)
     torch.manual_seed(0)
@@ -178,12 +185,13 @@ def _memory_worker(spec: str) -> int:
         except OSError:  # pragma: no cover - not glibc
             pass
         before = _rss()
-        # ru_maxrss is the peak since the process started; the warm-up step made it at least the step's peak, so
-        # reset it (Linux >= 4.0: writing 5 to clear_refs resets the peak RSS of this process).
+        # VmHWM is the peak RSS since the process started; the warm-up step made it at least the step's peak, so
+        # reset it (Linux >= 4.0: writing 5 to clear_refs resets it to the current RSS). getrusage's ru_maxrss is not
+        # reset by this once a thread has exited, so it is not used.
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         step()
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+        peak = _peak_rss() - before
     print(json.dumps({"peak_bytes": peak}))
     return 0
 
@@ -249,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--meta-batch", nargs="+", type=int, default=[4, 16, 32])
-    parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS))
+    parser.add_argument("--impls", nargs="+", default=[i for i in IMPLS if i != "metafunc:compiled"], choices=list(IMPLS),
+                        help="rows to run (default: all but metafunc:compiled, whose first call compiles for minutes)")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds after a warm-up (median reported)")
     parser.add_argument("--width", type=int, default=64, help="Conv-4 filters")
     parser.add_argument("--check-width", type=int, default=None,

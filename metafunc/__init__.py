@@ -10,6 +10,7 @@ from .algorithms import META_SGD_LR_PREFIX, MetaLearner, anil, boil, fomaml, mam
 from .algorithms import fo_proto_maml, matching_net, proto_maml, prototype_head, prototypes, protonet
 from .batching import meta_batch, resolve_mode
 from .fast import meta_value_and_grad
+from .compiled import compiled_meta_step
 from .functional import FunctionalModel, check_params, functionalize
 from .inner import first_order, inner_loop, sgd_step
 from .norm import BatchNorm, GroupNorm, LayerNorm, convert_norm_layers, find_torch_norm_layers
@@ -25,7 +26,7 @@ __all__ = [
     "Params", "Metrics", "Task", "ModelFn", "LossFn", "AdaptFn", "PerTaskFn", "Selector",
     # functional core
     "functionalize", "FunctionalModel", "check_params", "inner_loop", "first_order", "sgd_step", "meta_batch",
-    "resolve_mode", "meta_value_and_grad",
+    "resolve_mode", "meta_value_and_grad", "compiled_meta_step",
     # norm layers
     "BatchNorm", "LayerNorm", "GroupNorm", "convert_norm_layers", "find_torch_norm_layers",
     # algorithms

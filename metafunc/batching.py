@@ -13,7 +13,7 @@ from torch.func import vmap
 from ._types import Metrics, Params, PerTaskFn, Task
 from ._validation import check_choice, check_steps, check_task
 
-__all__ = ["meta_batch", "resolve_mode", "MODES"]
+__all__ = ["meta_batch", "resolve_mode", "task_memory_estimate", "MODES"]
 
 MODES = ("vmap", "loop")
 """The two ways to run a meta-batch; ``mode="auto"`` (the default) picks one of them per device and model size."""
@@ -85,10 +85,26 @@ def resolve_mode(params: Params, tasks: Task, *, mode: str = "auto",
         free = None
     if free is None:
         return "vmap", None
-    per_task = sum(t[0].numel() * t.element_size() for t in tasks) * _ACTIVATIONS_PER_INPUT
-    per_task += sum(p.numel() * p.element_size() for p in params.values()) * 4
-    fits = max(1, int(free * AUTO_VMAP_MEMORY_FRACTION // max(per_task, 1)))
+    fits = max(1, int(free * AUTO_VMAP_MEMORY_FRACTION // task_memory_estimate(params, tasks)))
     return "vmap", None if fits >= tasks.num_tasks else fits
+
+
+def task_memory_estimate(params: Params, tasks: Task) -> int:
+    """A rough upper bound, in bytes, on the memory one task of ``tasks`` needs in a second-order meta-step.
+
+    ``_ACTIVATIONS_PER_INPUT`` bytes of saved activations per byte of the task's inputs, plus four copies of the
+    parameters (the adapted weights, their gradients and the graph between them). It errs on the large side: 125 MB
+    for a 5-way 1-shot Omniglot task on Conv-4, whose meta-step measured 65 MB.
+
+    Example:
+        >>> from metafunc import Task
+        >>> tasks = Task(torch.randn(8, 5, 4), torch.randn(8, 5, 1), torch.randn(8, 5, 4), torch.randn(8, 5, 1))
+        >>> task_memory_estimate({"w": torch.zeros(4, 1)}, tasks)
+        102464
+    """
+    per_task = sum(t[0].numel() * t.element_size() for t in tasks) * _ACTIVATIONS_PER_INPUT
+    per_task += sum(p.numel() * p.element_size() for p in params.values() if isinstance(p, Tensor)) * 4
+    return max(per_task, 1)
 
 
 def check_batching_options(caller: str, mode: str, chunk_size: int | None) -> None:

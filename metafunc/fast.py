@@ -10,16 +10,97 @@ or one chunk. ``mode="auto"`` picks the loop on a CPU and chunked ``vmap`` on a 
 
 from __future__ import annotations
 
+import collections
 import functools
-from typing import Callable, Literal
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, Literal
 
 import torch
 from torch import Tensor
 
 from ._types import Metrics, Params, PerTaskFn, Task
-from .batching import check_batching_options, checked_tasks, meta_batch, resolve_mode
+from ._validation import check_steps
+from .batching import check_batching_options, checked_tasks, meta_batch, resolve_mode, task_memory_estimate
 
-__all__ = ["meta_value_and_grad"]
+__all__ = ["meta_value_and_grad", "resolve_workers", "AUTO_CPU_WORKERS", "AUTO_CPU_MEMORY_FRACTION"]
+
+AUTO_CPU_WORKERS = 2
+"""Under ``workers=None`` on a CPU, at most this many tasks run at once (one per thread), and never more than
+``torch.get_num_threads()``. On the 2-core CPU of ``benchmarks/RESULTS.md`` two tasks at a time made the
+second-order Conv-4 meta-step 11-18% faster than one task at a time with both cores inside each kernel; each task
+in flight holds its own activations, so the peak memory is that of this many tasks."""
+
+AUTO_CPU_MEMORY_FRACTION = 0.25
+"""Under ``workers=None``, the tasks in flight may use about this fraction of the available memory (``MemAvailable``
+in ``/proc/meminfo``), by :func:`metafunc.batching.task_memory_estimate`; fewer run at once when they would not."""
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:  # pragma: no cover - not Linux
+        return None
+    return None  # pragma: no cover
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    with _POOLS_LOCK:
+        if workers not in _POOLS:
+            _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="metafunc-task")
+        return _POOLS[workers]
+
+
+def _autocast_on() -> bool:
+    try:
+        return any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda"))
+    except TypeError:  # pragma: no cover - torch < 2.4 has no device argument
+        return torch.is_autocast_enabled()
+
+
+def resolve_workers(per_task: Callable, tasks: Task, *, mode: str, workers: int | None,
+                    params: Params | None = None) -> int:
+    """How many tasks :func:`meta_value_and_grad` runs at once (each on its own thread) for these tasks.
+
+    One, unless the meta-batch runs as a loop (``mode`` as resolved by :func:`metafunc.batching.resolve_mode`) on a
+    CPU, outside any ``torch.func`` transform and autocast region. Then ``workers`` is used as given (at most one per
+    task), and ``workers=None`` picks ``min(tasks, AUTO_CPU_WORKERS, torch.get_num_threads())`` when ``per_task``
+    says it is safe to call from several threads (a metafunc learner's function over a model from
+    :func:`metafunc.functionalize` without dropout or attention, see :func:`metafunc.functional.thread_safe`), and 1
+    for any other callable; fewer when that many tasks would not fit in ``AUTO_CPU_MEMORY_FRACTION`` of the available
+    memory.
+
+    Example:
+        >>> from metafunc import Task
+        >>> tasks = Task(torch.randn(8, 5, 1), torch.randn(8, 5, 1), torch.randn(8, 5, 1), torch.randn(8, 5, 1))
+        >>> resolve_workers(lambda p, t: t.query_x.sum(), tasks, mode="loop", workers=None)
+        1
+        >>> resolve_workers(lambda p, t: t.query_x.sum(), tasks, mode="loop", workers=4)
+        4
+    """
+    n = tasks.num_tasks
+    if mode != "loop" or n <= 1 or tasks.support_x.device.type != "cpu" or _autocast_on():
+        return 1
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return 1
+    if workers is not None:
+        return min(workers, n)
+    safe = getattr(per_task, "thread_safe", None)
+    if safe is None or not safe():
+        return 1
+    count = max(1, min(n, AUTO_CPU_WORKERS, torch.get_num_threads()))
+    available = _available_memory()
+    if available is not None:
+        need = task_memory_estimate(params or {}, tasks)
+        while count > 1 and count * need > AUTO_CPU_MEMORY_FRACTION * available:
+            count -= 1
+    return count
 
 
 def meta_value_and_grad(
@@ -27,6 +108,7 @@ def meta_value_and_grad(
     *,
     mode: Literal["auto", "vmap", "loop"] = "auto",
     chunk_size: int | None = None,
+    workers: int | None = None,
     validate: bool = True,
 ) -> Callable[[Params, Task], tuple[Tensor, Metrics, Params]]:
     """Build ``step(params, tasks) -> (loss, metrics, grads)``: the mean meta-loss over the tasks and its gradient.
@@ -36,7 +118,10 @@ def meta_value_and_grad(
     Each task (``mode="loop"``) or chunk of ``chunk_size`` tasks (``mode="vmap"``) is differentiated as soon as it
     has run, so the peak memory is that of one task or chunk instead of the whole meta-batch. ``mode="auto"`` (the
     default) picks with :func:`metafunc.batching.resolve_mode`: a loop of plain ``torch.autograd`` steps on a CPU,
-    chunked ``vmap`` on a GPU. ``loss`` and ``metrics`` are detached. (There is no bf16 option: under bf16 autocast
+    chunked ``vmap`` on a GPU. In a loop on a CPU, ``workers`` tasks run at once, each on its own thread
+    (:func:`resolve_workers`; ``None`` picks 2 for metafunc's learners, 1 for other callables). The gradients are
+    added up in task order whatever ``workers`` is, so every setting gives the same bits. ``loss`` and ``metrics``
+    are detached. (There is no bf16 option: under bf16 autocast
     the second-order Conv-4 meta-gradient was 25-47% off the float32 one, see ``benchmarks/RESULTS.md``.)
 
     Example:
@@ -51,6 +136,11 @@ def meta_value_and_grad(
     if not callable(per_task):
         raise TypeError(f"meta_value_and_grad: per_task must be callable (got {type(per_task).__name__})")
     check_batching_options("meta_value_and_grad", mode, chunk_size)
+    if workers is not None:
+        check_steps("meta_value_and_grad", "workers", workers)
+        if mode == "vmap" and workers > 1:
+            raise ValueError(f"meta_value_and_grad: workers={workers} runs tasks on threads, which needs mode='loop' "
+                             "or 'auto' (got mode='vmap'); drop workers or use mode='loop'")
 
     @functools.wraps(per_task)
     def step(params: Params, tasks: Task) -> tuple[Tensor, Metrics, Params]:
@@ -72,21 +162,59 @@ def meta_value_and_grad(
             size = run_chunk or n
             bounds = [(i, min(i + size, n)) for i in range(0, n, size)]
         batched = meta_batch(per_task, mode="vmap", reduce="sum", validate=False)
+        grad_mode = torch.is_grad_enabled()
+
+        def differentiate(start: int, stop: int) -> tuple[tuple[Tensor | None, ...], Tensor, Metrics]:
+            with torch.set_grad_enabled(grad_mode):  # grad mode is per thread
+                if run_mode == "loop":
+                    out = per_task(params, tasks.task_at(start))
+                    loss, metrics = (out[0], out[1]) if isinstance(out, tuple) and len(out) == 2 else (out, {})
+                else:
+                    loss, metrics = batched(params, Task(*(t[start:stop] for t in tasks)))
+                found = torch.autograd.grad(loss / n, leaves, allow_unused=True)
+            return found, loss.detach(), {k: v.detach() for k, v in metrics.items()}
+
         total: list[Tensor | None] = [None] * len(leaves)
         loss_sum: Tensor | None = None
         metric_sums: dict[str, Tensor] = {}
-        for start, stop in bounds:
-            if run_mode == "loop":
-                out = per_task(params, tasks.task_at(start))
-                loss, metrics = (out[0], out[1]) if isinstance(out, tuple) and len(out) == 2 else (out, {})
-            else:
-                loss, metrics = batched(params, Task(*(t[start:stop] for t in tasks)))
-            found = torch.autograd.grad(loss / n, leaves, allow_unused=True)
+        run_workers = resolve_workers(per_task, tasks, mode=run_mode, workers=workers, params=params)
+        for found, loss, metrics in _in_order(differentiate, bounds, run_workers):
             total = [g if t is None else (t if g is None else t + g) for t, g in zip(total, found)]
-            loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+            loss_sum = loss if loss_sum is None else loss_sum + loss
             for k, v in metrics.items():
-                metric_sums[k] = v.detach() if k not in metric_sums else metric_sums[k] + v.detach()
+                metric_sums[k] = v if k not in metric_sums else metric_sums[k] + v
         grads = {k: torch.zeros_like(p) if g is None else g for k, p, g in zip(names, leaves, total)}
         return loss_sum / n, {k: v / n for k, v in metric_sums.items()}, grads  # type: ignore[operator]
 
     return step
+
+
+def _in_order(fn: Callable[[int, int], Any], bounds: list[tuple[int, int]], workers: int):
+    """Yield ``fn(*b)`` for each ``b`` in order, computing up to ``workers`` of them at once on a thread pool.
+
+    At most ``workers`` results are in flight or waiting, so the peak memory is that of ``workers`` tasks; results
+    are consumed in order, so sums over them do not depend on which thread finished first."""
+    if workers <= 1:
+        for b in bounds:
+            yield fn(*b)
+        return
+    pool = _pool(workers)
+    pending: collections.deque[Future] = collections.deque()
+    upcoming = iter(bounds)
+    try:
+        for b in upcoming:
+            pending.append(pool.submit(fn, *b))
+            if len(pending) == workers:
+                break
+        while pending:
+            result = pending.popleft().result()
+            following = next(upcoming, None)
+            if following is not None:
+                pending.append(pool.submit(fn, *following))
+            yield result
+    finally:
+        for future in pending:  # an error or an abandoned generator: do not leave tasks running behind us
+            future.cancel()
+        for future in pending:
+            if not future.cancelled():
+                future.exception()

@@ -12,15 +12,23 @@ from metafunc import fast
 
 AVAILABLE, WHY = True, ""
 
-VARIANTS = ("default", "meta_batch-auto", "loop", "vmap", "vmap-chunk4")
-"""``default``: ``meta_value_and_grad(learner.meta_loss)`` (mode="auto"); the others: ``meta_batch(..., mode)``
-followed by ``loss.backward()`` (``meta_batch-auto`` is the documented meta-step with the default mode)."""
+VARIANTS = ("default", "workers1", "compiled", "meta_batch-auto", "loop", "vmap", "vmap-chunk4")
+"""``default``: ``meta_value_and_grad(learner.meta_loss)`` (mode="auto": on a CPU, a loop running two tasks at a
+time); ``workers1``: the same, one task at a time; ``compiled``: ``metafunc.compiled_meta_step`` (the vmapped
+meta-step traced and compiled by inductor; the first call compiles); the others: ``meta_batch(..., mode)`` followed by
+``loss.backward()`` (``meta_batch-auto`` is the documented meta-step with the default mode)."""
 
 
 def _runner(learner, module: nn.Module, tasks, variant: str) -> Callable[[], dict]:
     model, params = metafunc.functionalize(module)
-    if variant == "default":
-        run = fast.meta_value_and_grad(learner(model).meta_loss)
+    if variant == "compiled":
+        run = metafunc.compiled_meta_step(learner(model).meta_loss)
+
+        def step() -> dict[str, Tensor]:
+            return run(params, tasks)[2]
+        return step
+    if variant in ("default", "workers1"):
+        run = fast.meta_value_and_grad(learner(model).meta_loss, workers=1 if variant == "workers1" else None)
 
         def step() -> dict[str, Tensor]:
             return run(params, tasks)[2]

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from .._types import AdaptFn, LossFn, Metrics, ModelFn, Params, PerTaskFn, Task
 from .._validation import check_labels, check_steps, check_task
-from ..functional import check_params
+from ..functional import check_params, thread_safe
 
 __all__ = ["MetaLearner", "resolve_loss", "check_model", "task_metrics", "attach_checks", "LossSpec"]
 
@@ -137,6 +137,7 @@ def attach_checks(
             check_labels(caller, tasks, out_features[key])
 
     fn.validate = validate  # type: ignore[attr-defined]
+    fn.thread_safe = functools.partial(thread_safe, model)  # type: ignore[attr-defined]
     return fn
 
 
@@ -210,6 +211,7 @@ def with_steps(fn: Callable[..., tuple[Tensor, Metrics]], steps: int) -> Callabl
     """
     check_steps("with_steps", "steps", steps, minimum=0)
     bound = functools.wraps(fn)(functools.partial(fn, steps=steps))
-    if hasattr(fn, "validate"):
-        bound.validate = fn.validate  # type: ignore[attr-defined]
+    for attribute in ("validate", "thread_safe"):
+        if hasattr(fn, attribute):
+            setattr(bound, attribute, getattr(fn, attribute))
     return bound  # type: ignore[return-value]

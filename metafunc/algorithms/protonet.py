@@ -7,6 +7,7 @@ classifies queries by a distance to the embedded support set; there is no inner 
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -15,7 +16,7 @@ from torch import Tensor
 
 from .._types import Metrics, ModelFn, Params, Task
 from .._validation import check_steps, check_task
-from ..functional import check_params
+from ..functional import check_params, thread_safe
 from ._base import MetaLearner, check_model, task_metrics
 
 __all__ = ["protonet", "prototypes", "squared_distances", "PROTOTYPES_KEY"]
@@ -146,6 +147,7 @@ def attach_metric_checks(fn: Callable, *, caller: str, encoder: ModelFn, ways: W
             )
 
     fn.validate = validate  # type: ignore[attr-defined]
+    fn.thread_safe = functools.partial(thread_safe, encoder)  # type: ignore[attr-defined]
     return fn
 
 

@@ -1,0 +1,180 @@
+"""Several tasks at once on CPU threads (``meta_value_and_grad(..., workers=)``): the same bits as one task at a time,
+the exact meta-gradient, safe calls of a functionalized model from several threads, and when ``workers=None`` picks
+more than one."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from metafunc import Task, fast, functionalize, maml, meta_value_and_grad, models, protonet
+from metafunc.functional import thread_safe
+from metafunc.tree import tree_relative_error
+from test_fast_paths import LR, _conv4, _reference, _tasks
+
+f32 = torch.float32
+
+
+def _float32_case(n=5):
+    torch.manual_seed(0)
+    model, params = functionalize(models.conv4(ways=3, width=8, image_size=16, norm="batch"))
+    g = torch.Generator().manual_seed(2)
+    tasks = Task(torch.randn(n, 3, 1, 16, 16, generator=g), torch.arange(3).repeat(n, 1),
+                 torch.randn(n, 9, 1, 16, 16, generator=g), torch.arange(3).repeat(n, 3))
+    return model, params, tasks
+
+
+@pytest.mark.parametrize("workers", [2, 3, 8])
+def test_workers_give_bitwise_the_same_loss_metrics_and_gradient_as_one_task_at_a_time(workers):
+    model, params, tasks = _float32_case()
+    learner = maml(model, inner_lr=LR, steps=2)
+    one = meta_value_and_grad(learner.meta_loss, workers=1)(params, tasks)
+    many = meta_value_and_grad(learner.meta_loss, workers=workers)(params, tasks)
+    assert torch.equal(one[0], many[0])
+    assert all(torch.equal(one[1][k], many[1][k]) for k in one[1])
+    assert all(torch.equal(one[2][k], many[2][k]) for k in params)
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_workers_give_the_float64_reference_meta_gradient(first_order):
+    model, params = functionalize(_conv4())
+    tasks = _tasks(3)
+    learner = maml(model, inner_lr=LR, steps=2, first_order=first_order)
+    got = meta_value_and_grad(learner.meta_loss, workers=2)(params, tasks)[2]
+    assert tree_relative_error(got, _reference(params, tasks, steps=2, first_order=first_order)) < 1e-10
+
+
+def test_workers_for_protonets_match_the_vmapped_meta_gradient():
+    torch.manual_seed(0)
+    encoder, params = functionalize(torch.nn.Sequential(_conv4().features, torch.nn.Flatten()))
+    tasks = _tasks(4)
+    learner = protonet(encoder)
+    threaded = meta_value_and_grad(learner.meta_loss, workers=2)(params, tasks)[2]
+    vmapped = meta_value_and_grad(learner.meta_loss, mode="vmap")(params, tasks)[2]
+    assert tree_relative_error(threaded, vmapped) < 1e-10
+
+
+def test_an_error_in_one_task_reaches_the_caller_from_its_thread():
+    model, params, tasks = _float32_case(4)
+    learner = maml(model, inner_lr=LR, steps=1)
+    calls = []
+
+    def per_task(p, task):
+        calls.append(threading.current_thread().name)
+        if len(calls) == 3:
+            raise ArithmeticError("task 3 failed")
+        return learner.meta_loss(p, task)
+
+    with pytest.raises(ArithmeticError, match="task 3 failed"):
+        meta_value_and_grad(per_task, workers=2)(params, tasks)
+    assert any(name.startswith("metafunc-task") for name in calls)
+
+
+def test_workers_none_picks_two_for_learners_and_one_where_threads_are_not_known_to_be_safe(monkeypatch):
+    model, params, tasks = _float32_case(4)
+    learner = maml(model, inner_lr=LR, steps=1)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    resolve = fast.resolve_workers
+    assert resolve(learner.meta_loss, tasks, mode="loop", workers=None, params=params) == 2
+    assert resolve(learner.meta_loss, Task(*(t[:1] for t in tasks)), mode="loop", workers=None, params=params) == 1  # one task
+    assert resolve(learner.meta_loss, tasks, mode="vmap", workers=None, params=params) == 1
+    assert resolve(lambda p, t: learner.meta_loss(p, t), tasks, mode="loop", workers=None, params=params) == 1
+    assert resolve(lambda p, t: learner.meta_loss(p, t), tasks, mode="loop", workers=3, params=params) == 3
+    assert resolve(learner.meta_loss, tasks, mode="loop", workers=16, params=params) == 4  # at most one per task
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert resolve(learner.meta_loss, tasks, mode="loop", workers=None, params=params) == 1
+    inside = torch.func.grad(lambda x: x * resolve(learner.meta_loss, tasks, mode="loop", workers=None,
+                                                   params=params))(torch.tensor(1.0))
+    assert float(inside) == 1.0  # under a torch.func transform: one thread
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert resolve(learner.meta_loss, tasks, mode="loop", workers=None, params=params) == 1
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    monkeypatch.setattr(fast, "_available_memory", lambda: 1_000_000)  # 1 MB free: two tasks do not fit
+    assert resolve(learner.meta_loss, tasks, mode="loop", workers=None, params=params) == 1
+
+
+def test_models_with_dropout_or_attention_are_not_run_on_several_threads_by_default():
+    dropout, _ = functionalize(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5)))
+    assert not thread_safe(dropout)
+    dropout.module.eval()
+    assert thread_safe(dropout)
+    attention, _ = functionalize(torch.nn.TransformerEncoderLayer(8, 2, dim_feedforward=8))
+    assert not thread_safe(attention)
+    assert not thread_safe(lambda p, x: x)
+
+
+def test_a_functionalized_model_gives_the_same_outputs_from_many_threads_at_once():
+    torch.manual_seed(0)
+    model, params = functionalize(torch.nn.Sequential(torch.nn.Linear(6, 32), torch.nn.ReLU(),
+                                                      torch.nn.Linear(32, 4)))
+    inputs = [torch.randn(16, 6, generator=torch.Generator().manual_seed(i)) for i in range(64)]
+    shifted = [{k: v + 0.01 * i for k, v in params.items()} for i in range(64)]
+    expected = [model(p, x) for p, x in zip(shifted, inputs)]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda i: model(shifted[i], inputs[i]), range(64)))
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+class _ScaledByMode(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.linear(x) * (2.0 if self.training else 3.0)
+
+
+def test_a_thread_replica_follows_train_and_eval_of_the_module():
+    torch.manual_seed(0)
+    model, params = functionalize(_ScaledByMode())
+    x = torch.randn(8, 4)
+    expected_train = model(params, x)
+    model.module.eval()
+    expected_eval = model(params, x)
+    model.module.train()
+    with ThreadPoolExecutor(1) as pool:
+        train = pool.submit(model, params, x).result()
+        model.module.eval()
+        evaluated = pool.submit(model, params, x).result()
+    assert torch.equal(train, expected_train)
+    assert torch.equal(evaluated, expected_eval)
+    assert not torch.allclose(train, evaluated)
+
+
+def test_a_functionalized_model_can_be_copied_and_pickled():
+    model, params = functionalize(torch.nn.Linear(3, 2))
+    x = torch.randn(4, 3)
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        torch.testing.assert_close(clone(params, x), model(params, x))
+        with ThreadPoolExecutor(1) as pool:
+            torch.testing.assert_close(pool.submit(clone, params, x).result(), model(params, x))
+
+
+def test_bad_workers_are_refused_before_anything_runs():
+    model, _, _ = _float32_case(2)
+    learner = maml(model, inner_lr=LR)
+    with pytest.raises(ValueError, match=r"^meta_value_and_grad: workers must be"):
+        meta_value_and_grad(learner.meta_loss, workers=0)
+    with pytest.raises(TypeError, match=r"^meta_value_and_grad: workers must be"):
+        meta_value_and_grad(learner.meta_loss, workers=1.5)
+    with pytest.raises(ValueError, match=r"^meta_value_and_grad: workers=2 runs tasks on threads, which needs "
+                                         r"mode='loop' or 'auto' \(got mode='vmap'\)"):
+        meta_value_and_grad(learner.meta_loss, mode="vmap", workers=2)
+
+
+def test_grad_mode_of_the_caller_reaches_the_worker_threads():
+    model, params, tasks = _float32_case(2)
+    seen = []
+
+    def per_task(p, task):
+        seen.append(torch.is_grad_enabled())
+        return F.cross_entropy(model(p, task.query_x), task.query_y)
+
+    meta_value_and_grad(per_task, workers=2)(params, tasks)
+    assert seen == [True, True]
