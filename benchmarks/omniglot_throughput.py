@@ -33,6 +33,8 @@ def main(argv=None) -> int:
     parser.add_argument("--meta-batch", type=int, default=4)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--workers", type=int, default=None,
+                        help="tasks at once on CPU threads (default: meta_value_and_grad's choice)")
     parser.add_argument("--plot", default=None)
     args = parser.parse_args(argv)
     if args.threads:
@@ -44,7 +46,11 @@ def main(argv=None) -> int:
                                 device=args.device)["train"]
     model, params = metafunc.functionalize(metafunc.models.conv4(ways=5).to(args.device))
     learner = metafunc.maml(model, inner_lr=0.4, steps=1)
-    step_fn = metafunc.meta_value_and_grad(learner.meta_loss)
+    step_fn = metafunc.meta_value_and_grad(learner.meta_loss, workers=args.workers)
+    workers = metafunc.fast.resolve_workers(learner.meta_loss, sampler.sample(args.meta_batch, torch.Generator()),
+                                            mode="loop", workers=args.workers, params=params)
+    if not args.device.startswith("cpu"):
+        workers = 1
     optimizer = torch.optim.Adam(params.values(), lr=1e-3)
     generator = torch.Generator(device="cpu").manual_seed(0)
     losses, times = [], []
@@ -63,7 +69,8 @@ def main(argv=None) -> int:
             bar.set_postfix(loss=f"{float(loss):.3f}", acc=f"{float(metrics['accuracy']):.3f}")
     timed = times[1:] or times
     rate = args.meta_batch * len(timed) / sum(timed)
-    print(f"device {args.device} ({torch.get_num_threads()} threads), torch {torch.__version__}, meta-batch "
+    print(f"device {args.device} ({torch.get_num_threads()} threads, {workers} task(s) at once), "
+          f"torch {torch.__version__}, meta-batch "
           f"{args.meta_batch}: {rate:.2f} tasks/s ({sum(timed) / len(timed):.2f} s per meta-step, "
           f"{len(timed)} timed steps, data sampling included)")
     if args.plot:
