@@ -52,7 +52,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
 }
 """``maml<order>-<inner steps>`` and ``protonet``."""
 
-IMPLS = ("metafunc", "metafunc:workers1", "metafunc:compiled", "metafunc:meta_batch-auto", "metafunc:loop", "metafunc:vmap", "metafunc:vmap-chunk4",
+IMPLS = ("metafunc", "metafunc:workers1", "metafunc:compiled", "metafunc:compiled-cudagraphs", "metafunc:meta_batch-auto", "metafunc:loop", "metafunc:vmap", "metafunc:vmap-chunk4",
          "plain", "higher", "learn2learn", "torchopt")
 """Rows of the table; ``metafunc`` is ``meta_value_and_grad`` with ``mode="auto"``, the default fast meta-step."""
 
@@ -95,6 +95,8 @@ def build_step(impl: str, config: str, module: torch.nn.Module, tasks: metafunc.
 
 
 def _why_missing(impl: str, config: str) -> str:
+    if impl == "metafunc:compiled-cudagraphs":
+        return "CUDA graphs need a CUDA device"
     lib = load(impl.partition(":")[0])
     if not lib.AVAILABLE:
         return lib.WHY
@@ -257,8 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--meta-batch", nargs="+", type=int, default=[4, 16, 32])
-    parser.add_argument("--impls", nargs="+", default=[i for i in IMPLS if i != "metafunc:compiled"], choices=list(IMPLS),
-                        help="rows to run (default: all but metafunc:compiled, whose first call compiles for minutes)")
+    parser.add_argument("--impls", nargs="+", default=None, choices=list(IMPLS),
+                        help="rows to run (default: all; on a CPU all but the compiled steps, whose first call "
+                             "compiles for minutes)")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds after a warm-up (median reported)")
     parser.add_argument("--width", type=int, default=64, help="Conv-4 filters")
     parser.add_argument("--check-width", type=int, default=None,
@@ -280,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--device cuda: torch.cuda.is_available() is False on this machine")
     from tqdm import tqdm
 
-    impls = tuple(args.impls)
+    impls = tuple(args.impls or [i for i in IMPLS if args.device.startswith("cuda") or "compiled" not in i])
     rows: list[dict[str, Any]] = []
     total = len(args.configs) * (1 + len(args.meta_batch))
     with tqdm(total=total, desc="peers", file=sys.stderr) as bar:

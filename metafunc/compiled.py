@@ -59,7 +59,8 @@ def compiled_meta_step(
     under ``vmap`` (``mode="vmap"``, in chunks of ``chunk_size``) or unrolled in the traced graph (``"loop"``, which
     compiles slower as the meta-batch grows). ``cuda_graphs=True`` compiles with ``mode="reduce-overhead"``, which
     replays the step as a CUDA graph (CUDA tensors only; it copies the inputs into static buffers, so keep shapes
-    fixed). ``check=True`` runs the step eagerly too on the first call of each input signature and raises
+    fixed; the results handed back are copies). ``check=True`` runs the step eagerly too on the first call of each
+    input signature (the first three with ``cuda_graphs``: warm-up, recording and the first replay) and raises
     ``RuntimeError`` if the meta-gradients differ by more than ``rtol`` (default ``DEFAULT_RTOL`` for the dtype).
     The first call compiles (seconds to minutes); later calls with the same shapes reuse the compiled code.
 
@@ -95,7 +96,10 @@ def compiled_meta_step(
 
     eager = grad_and_value(loss_of, has_aux=True)
     compiled_by_signature: dict[tuple, Callable] = {}
-    checked: set[tuple] = set()
+    # CUDA-graph trees run a new graph eagerly once (warm-up), record it on the next call and replay it from the
+    # third: check all three, so the replayed graph is compared with eager too.
+    checks_per_signature = 3 if cuda_graphs else 1
+    checks_done: dict[tuple, int] = {}
 
     def compiled_for(key: tuple, trained: Params, frozen: Params, tasks: Task) -> Callable:
         # Dynamo cannot trace through nested torch.func transforms (grad of vmap of grad), so make_fx first runs
@@ -123,8 +127,14 @@ def compiled_meta_step(
                              "functionalize(module) (or call .requires_grad_() on the ones to meta-learn)")
         frozen = {k: v.detach() if isinstance(v, Tensor) else v for k, v in params.items() if k not in trained}
         key = _signature(params, tasks)
-        grads, (loss, metrics) = compiled_for(key, trained, frozen, tasks)(trained, frozen, tasks)
-        if check and key not in checked:
+        run = compiled_for(key, trained, frozen, tasks)
+        if cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        grads, (loss, metrics) = run(trained, frozen, tasks)
+        if cuda_graphs:  # a replay overwrites its static outputs: hand out copies that stay valid
+            grads, loss = {k: g.clone() for k, g in grads.items()}, loss.clone()
+            metrics = {k: v.clone() for k, v in metrics.items()}
+        if check and checks_done.get(key, 0) < checks_per_signature:
             reference, _ = eager(trained, frozen, tasks)
             tolerance = rtol if rtol is not None else DEFAULT_RTOL.get(next(iter(trained.values())).dtype, 1e-2)
             error = tree_relative_error({k: g.detach() for k, g in grads.items()}, reference)
@@ -134,7 +144,7 @@ def compiled_meta_step(
                     f"(relative, whole tree) > rtol={tolerance:.0e} with backend={backend!r}; use "
                     "metafunc.meta_value_and_grad (eager), another backend, or a larger rtol if this is expected"
                 )
-            checked.add(key)
+            checks_done[key] = checks_done.get(key, 0) + 1
         return loss.detach(), {k: v.detach() for k, v in metrics.items()}, {k: g.detach() for k, g in grads.items()}
 
     return step

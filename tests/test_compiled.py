@@ -110,12 +110,14 @@ def test_bad_arguments_are_refused_before_anything_is_traced():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the lent GPU)")
-def test_cuda_graph_replay_matches_eager_on_the_gpu():
+def test_cuda_graph_replay_matches_eager_on_the_gpu_and_its_results_stay_valid():
     model, params = functionalize(_conv4().to("cuda"))
-    tasks = _tasks(4).to("cuda")
+    params = {k: v.detach().requires_grad_() for k, v in params.items()}
+    tasks, other = _tasks(4).to("cuda"), _tasks(4, seed=7).to("cuda")
     learner = maml(model, inner_lr=LR, steps=1)
     step = compiled_meta_step(learner.meta_loss, cuda_graphs=True)
-    for _ in range(3):  # the first calls record, later ones replay
-        grads = step(params, tasks)[2]
-    expected = meta_value_and_grad(learner.meta_loss)(params, tasks)[2]
-    assert tree_relative_error(grads, expected) < 1e-9
+    results = [step(params, tasks if i % 2 == 0 else other)[2] for i in range(5)]  # warm-up, record, replays
+    eager = meta_value_and_grad(learner.meta_loss)
+    expected, expected_other = eager(params, tasks)[2], eager(params, other)[2]
+    for i, grads in enumerate(results):  # earlier results were not overwritten by later replays
+        assert tree_relative_error(grads, expected if i % 2 == 0 else expected_other) < 1e-9

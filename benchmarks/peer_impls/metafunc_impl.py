@@ -12,17 +12,20 @@ from metafunc import fast
 
 AVAILABLE, WHY = True, ""
 
-VARIANTS = ("default", "workers1", "compiled", "meta_batch-auto", "loop", "vmap", "vmap-chunk4")
+VARIANTS = ("default", "workers1", "compiled", "compiled-cudagraphs", "meta_batch-auto", "loop", "vmap", "vmap-chunk4")
 """``default``: ``meta_value_and_grad(learner.meta_loss)`` (mode="auto": on a CPU, a loop running two tasks at a
 time); ``workers1``: the same, one task at a time; ``compiled``: ``metafunc.compiled_meta_step`` (the vmapped
-meta-step traced and compiled by inductor; the first call compiles); the others: ``meta_batch(..., mode)`` followed by
+meta-step traced and compiled by inductor; the first call compiles); ``compiled-cudagraphs``: the same replayed as
+a CUDA graph (CUDA only); the others: ``meta_batch(..., mode)`` followed by
 ``loss.backward()`` (``meta_batch-auto`` is the documented meta-step with the default mode)."""
 
 
-def _runner(learner, module: nn.Module, tasks, variant: str) -> Callable[[], dict]:
+def _runner(learner, module: nn.Module, tasks, variant: str) -> Callable[[], dict] | None:
     model, params = metafunc.functionalize(module)
-    if variant == "compiled":
-        run = metafunc.compiled_meta_step(learner(model).meta_loss)
+    if variant == "compiled-cudagraphs" and tasks.support_x.device.type != "cuda":
+        return None
+    if variant in ("compiled", "compiled-cudagraphs"):
+        run = metafunc.compiled_meta_step(learner(model).meta_loss, cuda_graphs=variant == "compiled-cudagraphs")
 
         def step() -> dict[str, Tensor]:
             return run(params, tasks)[2]
@@ -48,10 +51,10 @@ def _runner(learner, module: nn.Module, tasks, variant: str) -> Callable[[], dic
 
 
 def maml_step(module: nn.Module, tasks, *, inner_lr: float, steps: int, first_order: bool,
-              variant: str = "default") -> Callable[[], dict]:
+              variant: str = "default") -> Callable[[], dict] | None:
     return _runner(lambda m: metafunc.maml(m, inner_lr=inner_lr, steps=steps, first_order=first_order),
                    module, tasks, variant)
 
 
-def protonet_step(module: nn.Module, tasks, variant: str = "default") -> Callable[[], dict]:
+def protonet_step(module: nn.Module, tasks, variant: str = "default") -> Callable[[], dict] | None:
     return _runner(lambda m: metafunc.protonet(m), module, tasks, variant)
