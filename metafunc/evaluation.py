@@ -26,13 +26,37 @@ BATCHNORM_PROTOCOL = "transductive: BatchNorm uses each task's batch statistics"
 
 
 class TaskSource(Protocol):
-    """Anything with ``sample(meta_batch, generator) -> Task`` (a meta-batch with a leading task dimension)."""
+    """Anything with ``sample(meta_batch, generator) -> Task`` (a meta-batch with a leading task dimension).
+
+    Example:
+        >>> from metafunc import Task, functionalize, maml
+        >>> class Doubling:  # tasks y = 2x; any class with this sample method is a TaskSource
+        ...     def sample(self, meta_batch: int, generator: torch.Generator) -> Task:
+        ...         x = torch.randn(meta_batch, 5, 1, generator=generator)
+        ...         return Task(x, 2 * x, x, 2 * x)
+        >>> source: TaskSource = Doubling()
+        >>> source.sample(3, torch.Generator().manual_seed(0)).support_x.shape
+        torch.Size([3, 5, 1])
+        >>> model, _ = functionalize(torch.nn.Linear(1, 1, bias=False))
+        >>> evaluate_episodes(maml(model, inner_lr=0.01, loss="mse"), {"weight": torch.tensor([[2.0]])}, source,
+        ...                   episodes=8, steps=0, classification=False, generator=torch.Generator().manual_seed(0)).mean
+        0.0
+    """
 
     def sample(self, meta_batch: int, generator: torch.Generator) -> Task: ...
 
 
 class EvalResult(NamedTuple):
-    """Per-episode scores summarised: ``metric`` is ``"accuracy"`` or ``"mse"``; ``ci95 = 1.96 * std / sqrt(n)``."""
+    """Per-episode scores summarised: ``metric`` is ``"accuracy"`` or ``"mse"``; ``ci95 = 1.96 * std / sqrt(n)``.
+
+    Example:
+        >>> mean, ci95, std = confidence_interval(torch.tensor([1.0, 0.0, 1.0, 1.0]))  # 4 episodes' accuracies
+        >>> result = EvalResult("accuracy", mean, ci95, std, episodes=4, steps=1)
+        >>> result.format()
+        'accuracy 75.00% +- 49.00% (95% CI, 4 episodes, 1 inner steps)'
+        >>> result.as_dict()["std"]
+        0.5
+    """
 
     metric: str
     mean: float

@@ -21,7 +21,15 @@ RESNET_VARIANTS = ("imagenet", "small")
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 convolutions with BatchNorm and a residual connection (1x1 projection when the shape changes)."""
+    """Two 3x3 convolutions with BatchNorm and a residual connection (1x1 projection when the shape changes).
+
+    Example:
+        >>> block = BasicBlock(4, 8, stride=2)  # halves the resolution; the shortcut is a 1x1 projection
+        >>> block(torch.randn(2, 4, 8, 8)).shape
+        torch.Size([2, 8, 4, 4])
+        >>> type(BasicBlock(8, 8, stride=1).shortcut).__name__  # same shape: identity shortcut
+        'Identity'
+    """
 
     def __init__(self, in_channels: int, channels: int, stride: int):
         super().__init__()
@@ -43,7 +51,16 @@ class BasicBlock(nn.Module):
 
 class ResNet18(nn.Module):
     """A stem, four stages of two :class:`BasicBlock` (widths ``w, 2w, 4w, 8w``), global average pooling and a
-    linear ``head``."""
+    linear ``head``. Build it with :func:`resnet18`, which checks the arguments.
+
+    Example:
+        >>> net = ResNet18(ways=5, in_channels=1, width=4, variant="small")
+        >>> x = torch.randn(2, 1, 16, 16)
+        >>> net(x).shape
+        torch.Size([2, 5])
+        >>> net.embed(x).shape, net.feature_dim
+        (torch.Size([2, 32]), 32)
+    """
 
     def __init__(self, ways: int, in_channels: int, width: int, variant: str):
         super().__init__()

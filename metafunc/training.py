@@ -108,7 +108,18 @@ class TrainConfig:
 
 class AlgorithmSpec(NamedTuple):
     """How the trainer builds a learner: ``build(model, config) -> MetaLearner``; ``needs_head=False`` means the
-    model is an encoder without an output layer (metric learners)."""
+    model is an encoder without an output layer (metric learners).
+
+    Example:
+        >>> from metafunc import functionalize, maml, models
+        >>> spec = AlgorithmSpec(lambda model, cfg: maml(model, inner_lr=cfg.inner_lr, steps=2, loss="mse"))
+        >>> spec.needs_head, ALGORITHMS["protonet"].needs_head
+        (True, False)
+        >>> model, params = functionalize(models.mlp())
+        >>> learner = spec.build(model, resolve_config(TrainConfig()))
+        >>> learner.name, learner.second_order
+        ('maml', True)
+    """
 
     build: Callable[[ModelFn, TrainConfig], MetaLearner]
     needs_head: bool = True
@@ -273,7 +284,16 @@ class GaussianClassification:
 
 
 class Experiment(NamedTuple):
-    """What a run needs: the pure model, the meta-parameters, the learner and the task sources by split."""
+    """What a run needs: the pure model, the meta-parameters, the learner and the task sources by split.
+
+    Example:
+        >>> exp = build_experiment(resolve_config(TrainConfig(dataset="synthetic", ways=3, shots=2, width=8)))
+        >>> exp.learner.name, exp.classification, sorted(exp.sources)
+        ('maml', True, ['test', 'train', 'val'])
+        >>> tasks = exp.sources["train"].sample(4, torch.Generator().manual_seed(0))
+        >>> exp.model(exp.params, tasks.query_x[0]).shape  # 3 ways x 5 queries, 3 logits
+        torch.Size([15, 3])
+    """
 
     model: ModelFn
     params: Params
@@ -373,7 +393,19 @@ def default_is_main() -> bool:
 
 
 class TrainResult(NamedTuple):
-    """The trained meta-parameters, the records written to ``metrics.jsonl``, and where the files are."""
+    """The trained meta-parameters, the records written to ``metrics.jsonl``, and where the files are.
+
+    Example:
+        >>> import tempfile
+        >>> cfg = TrainConfig(dataset="synthetic", iterations=4, width=8, out=tempfile.mkdtemp())
+        >>> result = train(cfg, progress=False, stop_after=2)  # interrupted after 2 of 4 iterations
+        >>> [(r["iteration"], r["split"]) for r in result.records]
+        [(1, 'train'), (2, 'train')]
+        >>> sorted(p.name for p in result.out.iterdir())  # resume=True would continue from the checkpoint
+        ['checkpoint.pt', 'config.json', 'metrics.jsonl']
+        >>> result.config.meta_batch, sorted(result.params) == sorted(result.experiment.params)
+        (8, True)
+    """
 
     params: Params
     records: list[dict[str, Any]]
@@ -632,7 +664,23 @@ SINUSOID_EVAL_STEPS = (0, 1, 10)
 
 
 class SinusoidComparison(NamedTuple):
-    """Query MSE (600 held-out tasks, 100 query points each) after 0, 1 and 10 fine-tuning steps, per method."""
+    """Query MSE (600 held-out tasks, 100 query points each) after 0, 1 and 10 fine-tuning steps, per method.
+
+    :func:`sinusoid_comparison` builds it; here it is filled by hand.
+
+    Example:
+        >>> def row(*means):
+        ...     return {s: EvalResult("mse", m, 0.1, 1.0, 600, s) for s, m in zip((0, 1, 10), means)}
+        >>> cmp = SinusoidComparison({"maml": row(3.2, 0.6, 0.4), "pretrained": row(3.0, 2.9, 2.5)}, {}, 10, 600)
+        >>> print(cmp.table())
+        Sinusoid regression, K=10: query MSE on 600 held-out tasks (mean +- 95% CI), after k fine-tuning steps ...
+        method                   0 steps              1 step            10 steps
+        ------------------------------------------------------------------------
+        maml              3.200 +- 0.100      0.600 +- 0.100      0.400 +- 0.100
+        pretrained        3.000 +- 0.100      2.900 +- 0.100      2.500 +- 0.100
+        >>> cmp.as_dict()["results"]["maml"]["1"]["mean"]
+        0.6
+    """
 
     results: dict[str, dict[int, EvalResult]]
     baseline_params: Params

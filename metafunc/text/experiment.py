@@ -16,7 +16,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -27,7 +27,7 @@ from ..checkpoint import save_checkpoint
 from ..evaluation import evaluate_episodes
 from ..functional import functionalize
 from .clinc import DEFAULT_TEST_DOMAINS, clinc_samplers
-from .minilm import SentenceEncoder, embed_texts, load_minilm, tokenize
+from .minilm import MiniLM, SentenceEncoder, embed_texts, load_minilm, tokenize
 
 __all__ = ["main", "ALGORITHMS", "cached_encoder"]
 
@@ -35,8 +35,41 @@ ALGORITHMS = ("protonet_frozen", "protonet", "proto_maml", "fo_proto_maml")
 """``protonet_frozen``: ProtoNet on the frozen MiniLM embeddings, nothing trained."""
 
 
-def cached_encoder(cache: Path, *, max_length: int = 32, tokens: bool = False):
-    """``encode(texts)``: frozen MiniLM embeddings (or tokens), cached on disk by a hash of the texts."""
+def cached_encoder(cache: Path, *, max_length: int = 32,
+                   tokens: bool = False) -> tuple[Callable[[Sequence[str]], torch.Tensor], MiniLM]:
+    """``(encode, net)``: ``encode(texts)`` gives frozen MiniLM embeddings (or tokens), cached on disk by a hash of
+    the texts; ``net`` is the pretrained MiniLM from :func:`~metafunc.text.load_minilm`.
+
+    Example:
+        The pretrained MiniLM takes seconds to load, so this example swaps in a tiny random MiniLM and a
+        word-length tokenizer; with the real ones, ``cached_encoder(Path("/tmp/cache"))`` is all it takes.
+
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from unittest import mock
+        >>> from metafunc.text import MiniLM
+        >>> def toy_tokenizer(texts, *, max_length, **options):  # one id per word: its length
+        ...     ids = torch.zeros(len(texts), max_length, dtype=torch.long)
+        ...     for i, text in enumerate(texts):
+        ...         words = [len(w) for w in text.split()][:max_length]
+        ...         ids[i, :len(words)] = torch.tensor(words)
+        ...     return {"input_ids": ids, "attention_mask": (ids > 0).long()}
+        >>> toy = MiniLM(vocab_size=50, width=8, layers=1, heads=2, intermediate=16)
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> cache = Path(tmp.name)
+        >>> with mock.patch("metafunc.text.experiment.load_minilm", lambda: (toy_tokenizer, toy)):
+        ...     encode, net = cached_encoder(cache, max_length=6)
+        ...     encode_tokens, _ = cached_encoder(cache, max_length=6, tokens=True)
+        >>> texts = ["book a flight to paris", "what is my balance"]
+        >>> emb = encode(texts)
+        >>> emb.shape, [p.suffix for p in cache.iterdir()]
+        (torch.Size([2, 8]), ['.pt'])
+        >>> torch.equal(encode(texts), emb)  # the second call reads the cache
+        True
+        >>> encode_tokens(texts).shape  # (texts, ids and attention mask, max_length)
+        torch.Size([2, 2, 6])
+        >>> tmp.cleanup()
+    """
     tokenizer, net = load_minilm()
 
     def encode(texts: Sequence[str]) -> torch.Tensor:
