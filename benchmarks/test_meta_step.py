@@ -3,7 +3,8 @@
 Conv-4 (BatchNorm) on 28x28, 5-way 1-shot, 15 queries, 4 tasks. Every benchmark first checks its meta-gradient
 against the plain loop (float32 here, relative error < 1e-5; the float64 < 1e-10 check is in ``peers.py`` and
 ``tests/test_fast_paths.py``), so what is timed is what is verified. The width is reduced with
-``METAFUNC_BENCH_WIDTH`` (default 64).
+``METAFUNC_BENCH_WIDTH`` (default 64); ``METAFUNC_BENCH_COMPILED=1`` adds ``compiled_meta_step`` (compiled, and
+checked against eager, before it is timed).
 
     python -m pytest benchmarks/test_meta_step.py --benchmark-only --benchmark-columns=median,iqr,rounds
 """
@@ -23,7 +24,9 @@ from peers import build_step, conv4, load, make_tasks  # noqa: E402
 from metafunc.tree import tree_relative_error  # noqa: E402
 
 WIDTH = int(os.environ.get("METAFUNC_BENCH_WIDTH", "64"))
-IMPLS = ["metafunc", "metafunc:meta_batch-auto", "plain", "higher", "learn2learn", "torchopt"]
+IMPLS = ["metafunc", "metafunc:workers1", "metafunc:meta_batch-auto", "plain", "higher", "learn2learn", "torchopt"]
+if os.environ.get("METAFUNC_BENCH_COMPILED"):  # the first call compiles for minutes on a CPU
+    IMPLS.append("metafunc:compiled")
 
 
 @pytest.fixture(scope="module")

@@ -26,10 +26,11 @@ from .batching import check_batching_options, checked_tasks, meta_batch, resolve
 __all__ = ["meta_value_and_grad", "resolve_workers", "AUTO_CPU_WORKERS", "AUTO_CPU_MEMORY_FRACTION"]
 
 AUTO_CPU_WORKERS = 2
-"""Under ``workers=None`` on a CPU, at most this many tasks run at once (one per thread), and never more than
-``torch.get_num_threads()``. On the 2-core CPU of ``benchmarks/RESULTS.md`` two tasks at a time made the
-second-order Conv-4 meta-step 11-18% faster than one task at a time with both cores inside each kernel; each task
-in flight holds its own activations, so the peak memory is that of this many tasks."""
+"""Under ``workers=None`` on a CPU, at most this many tasks run at once (one per thread, each with its share of
+``torch.get_num_threads()``), and never more than ``torch.get_num_threads()``. On the 2-core CPU of
+``benchmarks/RESULTS.md`` two tasks at a time on one core each beat one task at a time on both cores for every
+Conv-4 width measured (see there); each task in flight holds its own activations, so the peak memory is that of
+this many tasks."""
 
 AUTO_CPU_MEMORY_FRACTION = 0.25
 """Under ``workers=None``, the tasks in flight may use about this fraction of the available memory (``MemAvailable``
@@ -46,15 +47,33 @@ def _available_memory() -> int | None:
         return None
     return None  # pragma: no cover
 
-_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
 _POOLS_LOCK = threading.Lock()
 
 
-def _pool(workers: int) -> ThreadPoolExecutor:
+def _pool(workers: int, threads: int) -> ThreadPoolExecutor:
+    """A pool of ``workers`` threads, each running torch's kernels on ``threads`` intra-op threads of its own.
+
+    torch keeps the OpenMP thread count per thread (``torch.set_num_threads`` sets the calling thread's count and a
+    process-wide default that new threads copy on their first parallel kernel). Each pool thread sets up its count
+    from the default, then sets its own; once every pool thread has done so, the caller's default is put back, so
+    nothing outside the pool changes. Without this, two tasks at a time would each fork a team of all the intra-op
+    threads: on 2 cores, 4 spinning threads made small models 2x slower than one task at a time."""
+    key = (workers, threads)
     with _POOLS_LOCK:
-        if workers not in _POOLS:
-            _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="metafunc-task")
-        return _POOLS[workers]
+        if key not in _POOLS:
+            previous = torch.get_num_threads()
+
+            def own_thread_count() -> None:
+                torch.get_num_threads()  # this thread's first call copies the process-wide default
+                torch.set_num_threads(threads)
+
+            pool = ThreadPoolExecutor(workers, thread_name_prefix="metafunc-task", initializer=own_thread_count)
+            started = threading.Barrier(workers)
+            list(pool.map(lambda _: started.wait(timeout=60), range(workers)))  # start every thread now
+            torch.set_num_threads(previous)
+            _POOLS[key] = pool
+        return _POOLS[key]
 
 
 def _autocast_on() -> bool:
@@ -118,10 +137,11 @@ def meta_value_and_grad(
     Each task (``mode="loop"``) or chunk of ``chunk_size`` tasks (``mode="vmap"``) is differentiated as soon as it
     has run, so the peak memory is that of one task or chunk instead of the whole meta-batch. ``mode="auto"`` (the
     default) picks with :func:`metafunc.batching.resolve_mode`: a loop of plain ``torch.autograd`` steps on a CPU,
-    chunked ``vmap`` on a GPU. In a loop on a CPU, ``workers`` tasks run at once, each on its own thread
-    (:func:`resolve_workers`; ``None`` picks 2 for metafunc's learners, 1 for other callables). The gradients are
-    added up in task order whatever ``workers`` is, so every setting gives the same bits. ``loss`` and ``metrics``
-    are detached. (There is no bf16 option: under bf16 autocast
+    chunked ``vmap`` on a GPU. In a loop on a CPU, ``workers`` tasks run at once, each on its own thread with
+    ``torch.get_num_threads() // workers`` intra-op threads (:func:`resolve_workers`; ``None`` picks 2 for metafunc's
+    learners, 1 for other callables). The gradients are added up in task order, so a given setting gives the same
+    bits on every run; settings with different thread counts agree to floating-point rounding. ``loss`` and
+    ``metrics`` are detached. (There is no bf16 option: under bf16 autocast
     the second-order Conv-4 meta-gradient was 25-47% off the float32 one, see ``benchmarks/RESULTS.md``.)
 
     Example:
@@ -198,7 +218,7 @@ def _in_order(fn: Callable[[int, int], Any], bounds: list[tuple[int, int]], work
         for b in bounds:
             yield fn(*b)
         return
-    pool = _pool(workers)
+    pool = _pool(workers, max(1, torch.get_num_threads() // workers))
     pending: collections.deque[Future] = collections.deque()
     upcoming = iter(bounds)
     try:
