@@ -6,6 +6,7 @@ Reports tasks/s over the timed steps (the first step is a warm-up), shows a tqdm
 plots the query loss per step.
 
     python benchmarks/omniglot_throughput.py --steps 10 --meta-batch 4 --device cpu
+    python benchmarks/omniglot_throughput.py --steps 8 --meta-batch 32 --workers auto 1   # side by side
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ def main(argv=None) -> int:
     parser.add_argument("--meta-batch", type=int, default=4)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--workers", type=int, default=None,
-                        help="tasks at once on CPU threads (default: meta_value_and_grad's choice)")
+    parser.add_argument("--workers", default=["auto"], nargs="+",
+                        help="tasks at once on CPU threads: 'auto' (meta_value_and_grad's choice) or a number; "
+                             "several settings are run side by side, alternating step by step on the same episodes")
     parser.add_argument("--plot", default=None)
     args = parser.parse_args(argv)
     if args.threads:
@@ -44,44 +46,50 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     sampler = omniglot_samplers(Path(args.data) / "omniglot", ways=5, shots=1, queries=15,
                                 device=args.device)["train"]
-    model, params = metafunc.functionalize(metafunc.models.conv4(ways=5).to(args.device))
-    learner = metafunc.maml(model, inner_lr=0.4, steps=1)
-    step_fn = metafunc.meta_value_and_grad(learner.meta_loss, workers=args.workers)
-    workers = metafunc.fast.resolve_workers(learner.meta_loss, sampler.sample(args.meta_batch, torch.Generator()),
-                                            mode="loop", workers=args.workers, params=params)
-    if not args.device.startswith("cpu"):
-        workers = 1
-    optimizer = torch.optim.Adam(params.values(), lr=1e-3)
+    module = metafunc.models.conv4(ways=5).to(args.device)
+    runs = []
+    for setting in args.workers:
+        requested = None if setting == "auto" else int(setting)
+        model, params = metafunc.functionalize(module)
+        learner = metafunc.maml(model, inner_lr=0.4, steps=1)
+        workers = metafunc.fast.resolve_workers(learner.meta_loss, sampler.sample(args.meta_batch, torch.Generator()),
+                                                mode="loop", workers=requested, params=params)
+        runs.append(dict(setting=setting, workers=workers if args.device.startswith("cpu") else 1, params=params,
+                         step=metafunc.meta_value_and_grad(learner.meta_loss, workers=requested),
+                         optimizer=torch.optim.Adam(params.values(), lr=1e-3), times=[], losses=[]))
     generator = torch.Generator(device="cpu").manual_seed(0)
-    losses, times = [], []
     with tqdm(range(args.steps), desc="omniglot maml", file=sys.stderr) as bar:
         for _ in bar:
-            start = time.perf_counter()
             tasks = sampler.sample(args.meta_batch, generator)
-            loss, metrics, grads = step_fn(params, tasks)
-            for k, p in params.items():
-                p.grad = grads[k]
-            optimizer.step()
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-            losses.append(float(loss))
+            for run in runs:  # the same episodes for every setting, one after the other
+                start = time.perf_counter()
+                loss, metrics, grads = run["step"](run["params"], tasks)
+                for k, p in run["params"].items():
+                    p.grad = grads[k]
+                run["optimizer"].step()
+                if args.device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                run["times"].append(time.perf_counter() - start)
+                run["losses"].append(float(loss))
             bar.set_postfix(loss=f"{float(loss):.3f}", acc=f"{float(metrics['accuracy']):.3f}")
-    timed = times[1:] or times
-    rate = args.meta_batch * len(timed) / sum(timed)
-    print(f"device {args.device} ({torch.get_num_threads()} threads, {workers} task(s) at once), "
-          f"torch {torch.__version__}, meta-batch "
-          f"{args.meta_batch}: {rate:.2f} tasks/s ({sum(timed) / len(timed):.2f} s per meta-step, "
-          f"{len(timed)} timed steps, data sampling included)")
+    for run in runs:
+        timed = run["times"][1:] or run["times"]  # the first step is a warm-up
+        run["rate"] = args.meta_batch * len(timed) / sum(timed)
+        print(f"device {args.device} ({torch.get_num_threads()} threads, workers={run['setting']}: "
+              f"{run['workers']} task(s) at once), torch {torch.__version__}, meta-batch {args.meta_batch}: "
+              f"{run['rate']:.2f} tasks/s ({sum(timed) / len(timed):.2f} s per meta-step, {len(timed)} timed steps, "
+              f"sampling and Adam included)")
     if args.plot:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         fig, ax = plt.subplots(figsize=(5, 3))
-        ax.plot(losses)
+        for run in runs:
+            ax.plot(run["losses"], label=f"workers={run['setting']}: {run['rate']:.2f} tasks/s")
         ax.set_xlabel("meta-step")
         ax.set_ylabel("query loss")
-        ax.set_title(f"MAML Omniglot 5-way 1-shot, {rate:.2f} tasks/s on {args.device}")
+        ax.set_title(f"MAML Omniglot 5-way 1-shot, meta-batch {args.meta_batch}, {args.device}")
+        ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(args.plot, dpi=120)
     return 0
