@@ -26,7 +26,7 @@ timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_compiled.py test
 timeout 240 python3 benchmarks/peers.py --device cuda --configs maml2-1 --meta-batch 4 16 32 --rounds 5 --memory \
   --impls metafunc metafunc:vmap metafunc:compiled metafunc:compiled-cudagraphs plain higher torchopt \
   --json "$out/peers_cuda.json" --markdown 2>"$out/peers.err" | tee "$out/peers_cuda.md"
-# 3. meta-training throughput on real Omniglot episodes (the FLOP floor: 20.9 GFLOP per 4 tasks, from
-# benchmarks/profile_meta_step.py on the CPU, against the GPU's float32 peak; that script has no --device yet)
+# 3. where the time goes and the FLOP floor against this GPU's float32 peak; throughput on real Omniglot episodes
+timeout 60 python3 benchmarks/profile_meta_step.py --device cuda --meta-batch 32 2>&1 | tee "$out/profile_cuda.txt"
 timeout 60 python3 benchmarks/omniglot_throughput.py --device cuda --steps 20 --meta-batch 32 2>&1 \
   | grep '^device' | tee "$out/omniglot_cuda.txt"

@@ -47,8 +47,10 @@ def _available_memory() -> int | None:
         return None
     return None  # pragma: no cover
 
+
 _POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
 _POOLS_LOCK = threading.Lock()
+_WORKER = threading.local()  # ``active`` is set in the pool's threads: a meta-step inside a task runs its tasks inline
 
 
 def _pool(workers: int, threads: int) -> ThreadPoolExecutor:
@@ -67,6 +69,7 @@ def _pool(workers: int, threads: int) -> ThreadPoolExecutor:
             def own_thread_count() -> None:
                 torch.get_num_threads()  # this thread's first call copies the process-wide default
                 torch.set_num_threads(threads)
+                _WORKER.active = True
 
             pool = ThreadPoolExecutor(workers, thread_name_prefix="metafunc-task", initializer=own_thread_count)
             started = threading.Barrier(workers)
@@ -88,7 +91,8 @@ def resolve_workers(per_task: Callable, tasks: Task, *, mode: str, workers: int 
     """How many tasks :func:`meta_value_and_grad` runs at once (each on its own thread) for these tasks.
 
     One, unless the meta-batch runs as a loop (``mode`` as resolved by :func:`metafunc.batching.resolve_mode`) on a
-    CPU, outside any ``torch.func`` transform and autocast region. Then ``workers`` is used as given (at most one per
+    CPU, outside any ``torch.func`` transform and autocast region and outside a task that is itself on a worker
+    thread. Then ``workers`` is used as given (at most one per
     task), and ``workers=None`` picks ``min(tasks, AUTO_CPU_WORKERS, torch.get_num_threads())`` when ``per_task``
     says it is safe to call from several threads (a metafunc learner's function over a model from
     :func:`metafunc.functionalize` without dropout or attention, see :func:`metafunc.functional.thread_safe`), and 1
@@ -106,8 +110,8 @@ def resolve_workers(per_task: Callable, tasks: Task, *, mode: str, workers: int 
     n = tasks.num_tasks
     if mode != "loop" or n <= 1 or tasks.support_x.device.type != "cpu" or _autocast_on():
         return 1
-    if torch._C._functorch.peek_interpreter_stack() is not None:
-        return 1
+    if torch._C._functorch.peek_interpreter_stack() is not None or getattr(_WORKER, "active", False):
+        return 1  # inside a transform, or inside a task already on a worker thread (waiting on the pool would hang)
     if workers is not None:
         return min(workers, n)
     safe = getattr(per_task, "thread_safe", None)

@@ -195,3 +195,22 @@ def test_grad_mode_of_the_caller_reaches_the_worker_threads():
 
     meta_value_and_grad(per_task, workers=2)(params, tasks)
     assert seen == [True, True]
+
+
+def test_a_meta_step_inside_a_task_on_a_worker_thread_runs_inline_instead_of_waiting_on_the_pool():
+    model, params, tasks = _float32_case(4)
+    learner = maml(model, inner_lr=LR, steps=1)
+    inner_step = meta_value_and_grad(learner.meta_loss, workers=2)
+    inner_workers = []
+
+    def per_task(p, task):  # a task whose loss is itself a meta-step over a small meta-batch
+        one = Task(*(t[None] for t in task))
+        inner_workers.append(fast.resolve_workers(learner.meta_loss, Task(*(t.repeat(2, *[1] * (t.dim() - 1))
+                                                                              for t in one)),
+                                                  mode="loop", workers=2, params=p))
+        return inner_step(p, one)[0] + learner.meta_loss(p, task)[0]
+
+    loss, _, grads = meta_value_and_grad(per_task, workers=2)(params, tasks)
+    assert inner_workers == [1, 1, 1, 1]
+    expected = meta_value_and_grad(learner.meta_loss, workers=1)(params, tasks)
+    assert tree_relative_error(grads, expected[2]) < 1e-5
