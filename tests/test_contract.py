@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from learner_cases import CASES, LearnerCase
-from metafunc import meta_batch
+from metafunc import meta_batch, meta_value_and_grad
+from metafunc.fast import resolve_workers
 from metafunc.tree import tree_relative_error
 
 
@@ -49,6 +50,19 @@ def test_vmap_equals_loop(case: LearnerCase):
         for k in metrics_v:
             assert torch.allclose(metrics_v[k], metrics_l[k], rtol=1e-12, atol=1e-14), (k, chunk_size)
         assert tree_relative_error(grads_v, grads_l) < 1e-10, chunk_size
+
+
+@cases
+def test_default_fast_meta_step_with_tasks_on_threads_equals_the_loop(case: LearnerCase):
+    learner, params, _ = case.build(dtype=torch.float64)
+    tasks = case.tasks(3, dtype=torch.float64)
+    loss_l, metrics_l, grads_l = _meta_gradient(learner, params, tasks, mode="loop")
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+    loss, metrics, grads = meta_value_and_grad(learner.meta_loss, workers=2)(leaves, tasks)
+    assert resolve_workers(learner.meta_loss, tasks, mode="loop", workers=2) == 2
+    assert torch.allclose(loss, loss_l, rtol=1e-12, atol=0)
+    assert metrics.keys() == metrics_l.keys()
+    assert tree_relative_error(grads, grads_l) < 1e-10
 
 
 @cases
