@@ -193,8 +193,11 @@ def test_grad_mode_of_the_caller_reaches_the_worker_threads():
         seen.append(torch.is_grad_enabled())
         return F.cross_entropy(model(p, task.query_x), task.query_y)
 
-    meta_value_and_grad(per_task, workers=2)(params, tasks)
-    assert seen == [True, True]
+    for workers in (1, 2):  # under no_grad there is no graph to differentiate, on the caller's thread or a worker's
+        seen.clear()
+        with torch.no_grad(), pytest.raises(RuntimeError, match="does not require grad"):
+            meta_value_and_grad(per_task, workers=workers)(params, tasks)
+        assert seen and not any(seen), workers  # a new thread starts with grad mode on: it must get the caller's
 
 
 def test_a_meta_step_inside_a_task_on_a_worker_thread_runs_inline_instead_of_waiting_on_the_pool():
@@ -205,9 +208,8 @@ def test_a_meta_step_inside_a_task_on_a_worker_thread_runs_inline_instead_of_wai
 
     def per_task(p, task):  # a task whose loss is itself a meta-step over a small meta-batch
         one = Task(*(t[None] for t in task))
-        inner_workers.append(fast.resolve_workers(learner.meta_loss, Task(*(t.repeat(2, *[1] * (t.dim() - 1))
-                                                                              for t in one)),
-                                                  mode="loop", workers=2, params=p))
+        two = Task(*(torch.cat([t, t]) for t in one))
+        inner_workers.append(fast.resolve_workers(learner.meta_loss, two, mode="loop", workers=2, params=p))
         return inner_step(p, one)[0] + learner.meta_loss(p, task)[0]
 
     loss, _, grads = meta_value_and_grad(per_task, workers=2)(params, tasks)
