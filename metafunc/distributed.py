@@ -123,6 +123,20 @@ def _check_timeout(caller: str, timeout: Any) -> float:
     return float(timeout)
 
 
+def _import_modules_that_bind_the_world_group() -> None:
+    """Import, before the process group exists, the torch modules that capture ``group.WORLD`` at import time.
+
+    ``torch.distributed.nn.functional`` declares ten functions with the default argument ``group=group.WORLD``, and
+    ``torch._dynamo`` imports it (lazily, on the first optimizer step or ``torch.func`` call that touches it). Imported
+    after ``init_process_group``, those defaults hold references to the world process group, so
+    ``destroy_process_group`` cannot free it and gloo's worker threads live on into interpreter shutdown. There the
+    worker that frees the last collective's work object must take the GIL to drop its Python tensors, finds the
+    interpreter finalizing, and its thread is unwound through a ``noexcept`` destructor: ``terminate called without
+    an active exception`` (SIGABRT), about one two-process run in five. Imported first, the defaults are ``None``,
+    the group is freed by ``shutdown_distributed`` and its threads are joined before exit."""
+    import torch.distributed.nn.functional  # noqa: F401
+
+
 def init_distributed(
     *,
     backend: Literal["auto", "gloo", "nccl"] = "auto",
@@ -186,6 +200,7 @@ def init_distributed(
     kwargs: dict[str, Any] = {"backend": backend, "timeout": datetime.timedelta(seconds=timeout)}
     if backend == "nccl":
         kwargs["device_id"] = dev
+    _import_modules_that_bind_the_world_group()
     try:
         dist.init_process_group(**kwargs)
     except Exception as e:  # rendezvous failures come as RuntimeError, DistStoreError, TimeoutError, ...
