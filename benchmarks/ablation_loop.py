@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peers import conv4, make_tasks  # noqa: E402
 
 import metafunc  # noqa: E402
-from metafunc.norm import BatchNorm, _normalize  # noqa: E402
+from metafunc.nn.norm import BatchNorm, _normalize  # noqa: E402
 
 __all__ = ["main"]
 

@@ -53,8 +53,10 @@ def python_sampler(images: torch.Tensor, labels: torch.Tensor, ways: int, shots:
                 q_img += [images[i].float() / 255 for i in idx[shots:]]
                 s_lab += [label] * shots
                 q_lab += [label] * queries
-            sx.append(torch.stack(s_img)); qx.append(torch.stack(q_img))
-            sy.append(torch.tensor(s_lab)); qy.append(torch.tensor(q_lab))
+            sx.append(torch.stack(s_img))
+            qx.append(torch.stack(q_img))
+            sy.append(torch.tensor(s_lab))
+            qy.append(torch.tensor(q_lab))
         return Task(torch.stack(sx), torch.stack(sy), torch.stack(qx), torch.stack(qy))
 
     return sample

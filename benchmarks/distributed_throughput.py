@@ -33,7 +33,7 @@ def _worker(args: argparse.Namespace) -> None:
 
     from metafunc import distributed as D
     from metafunc import functionalize, maml, meta_batch, models
-    from metafunc.training import GaussianClassification
+    from metafunc.train import GaussianClassification
 
     torch.set_num_threads(args.threads)
     info = D.init_distributed(timeout=120, device=args.device)
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             best = max((_run(n, args.threads, args, out) for _ in range(args.repeats)),
                        key=lambda r: r["tasks_per_s"])
             rows.append(best)
-        from metafunc.tree import tree_relative_error
+        from metafunc.core.tree import tree_relative_error
 
         ref = torch.load(Path(out) / f"grad{args.nprocs[0]}.pt", weights_only=True)
         agree = {r["world_size"]: tree_relative_error(

@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return []
     import torch
 
-    from metafunc.tree import tree_relative_error
+    from metafunc.core.tree import tree_relative_error
 
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -46,13 +46,13 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     sampler = omniglot_samplers(Path(args.data) / "omniglot", ways=5, shots=1, queries=15,
                                 device=args.device)["train"]
-    module = metafunc.models.conv4(ways=5).to(args.device)
+    module = metafunc.nn.models.conv4(ways=5).to(args.device)
     runs = []
     for setting in args.workers:
         requested = None if setting == "auto" else int(setting)
         model, params = metafunc.functionalize(module)
         learner = metafunc.maml(model, inner_lr=0.4, steps=1)
-        workers = metafunc.fast.resolve_workers(learner.meta_loss, sampler.sample(args.meta_batch, torch.Generator()),
+        workers = metafunc.step.default.resolve_workers(learner.meta_loss, sampler.sample(args.meta_batch, torch.Generator()),
                                                 mode="loop", workers=requested, params=params)
         runs.append(dict(setting=setting, workers=workers if args.device.startswith("cpu") else 1, params=params,
                          step=metafunc.meta_value_and_grad(learner.meta_loss, workers=requested),

@@ -2,7 +2,7 @@
 
 Same module (Conv-4, 64 filters, BatchNorm, 28x28 inputs), same tasks (5-way 1-shot, 15 queries per class), same
 machine, one run. Before timing a configuration, every implementation's meta-gradient is checked against the plain
-``torch.autograd`` loop in float64 (``metafunc.tree.tree_relative_error`` < 1e-10); one that disagrees is not
+``torch.autograd`` loop in float64 (``metafunc.core.tree.tree_relative_error`` < 1e-10); one that disagrees is not
 timed. Times are medians over rounds in which the implementations alternate (the machine is shared, so only
 side-by-side ratios mean anything). Peak memory (``--memory``): each case runs once in a fresh subprocess; on a CPU
 the number is the peak resident set size during one meta-step above the resident size just before it
@@ -37,9 +37,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from peer_impls import load  # noqa: E402
+
 import metafunc  # noqa: E402
-from metafunc.tree import tree_relative_error  # noqa: E402
-from peer_impls import IMPLEMENTATIONS, load  # noqa: E402
+from metafunc.core.tree import tree_relative_error  # noqa: E402
 
 __all__ = ["CONFIGS", "IMPLS", "conv4", "make_tasks", "build_step", "check_gradients", "time_cases", "main"]
 
@@ -62,7 +63,7 @@ WAYS, SHOTS, QUERIES, INNER_LR = 5, 1, 15, 0.4
 
 def conv4(width: int = 64, *, protonet: bool = False) -> torch.nn.Module:
     """metafunc's Conv-4 (exact BatchNorm); for ProtoNets, its feature extractor, flattened."""
-    net = metafunc.models.conv4(ways=WAYS, width=width, image_size=28, norm="batch")
+    net = metafunc.nn.models.conv4(ways=WAYS, width=width, image_size=28, norm="batch")
     return torch.nn.Sequential(net.features, torch.nn.Flatten()) if protonet else net
 
 

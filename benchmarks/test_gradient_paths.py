@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from metafunc.bench import BenchConfig, _setup
-from metafunc.batching import meta_batch
-from metafunc.paths import GRADIENT_PATHS, gradient_path
+from metafunc import GRADIENT_PATHS, gradient_path
+from metafunc.cli.bench import BenchConfig, _setup
+from metafunc.core.batching import meta_batch
 
 pytest.importorskip("pytest_benchmark")
 

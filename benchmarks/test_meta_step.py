@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peers import build_step, conv4, load, make_tasks  # noqa: E402
 
-from metafunc.tree import tree_relative_error  # noqa: E402
+from metafunc.core.tree import tree_relative_error  # noqa: E402
 
 WIDTH = int(os.environ.get("METAFUNC_BENCH_WIDTH", "64"))
 IMPLS = ["metafunc", "metafunc:workers1", "metafunc:meta_batch-auto", "plain", "higher", "learn2learn", "torchopt"]

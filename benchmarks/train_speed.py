@@ -1,6 +1,6 @@
 """Speed of the ``metafunc train`` main job's meta-step (MAML, sinusoid, 40-40 MLP, K=10, meta-batch 25).
 
-Times the exact step the training loop runs (:func:`metafunc.training.meta_gradient` + Adam) with the meta-batch as
+Times the exact step the training loop runs (:func:`metafunc.train.loop.meta_gradient` + Adam) with the meta-batch as
 ``vmap`` (1 and 2 torch threads) and as a Python loop (1 thread), side by side in one run, after checking that both modes
 give the same meta-gradient. Prints a table (milliseconds per meta-step, median of repeats).
 
@@ -16,8 +16,8 @@ import time
 import torch
 
 from metafunc import meta_batch
-from metafunc.training import SinusoidSource, TrainConfig, build_experiment, meta_gradient, resolve_config
-from metafunc.tree import tree_relative_error
+from metafunc.core.tree import tree_relative_error
+from metafunc.train import SinusoidSource, TrainConfig, build_experiment, meta_gradient, resolve_config
 
 __all__ = ["main"]
 

@@ -2,39 +2,79 @@
 
 A model is a pure function over a parameter dict; the inner loop is a transform built from ``torch.func.grad``; a
 meta-batch of tasks runs at once under ``vmap``. Algorithms are factories returning pure functions.
+
+The layers, from the bottom up (each imports only the ones above it in this list):
+
+* :mod:`metafunc.core`: ``functionalize``, the parameter-tree helpers, the inner loop, ``meta_batch``;
+* :mod:`metafunc.nn`: exact norm layers, the MLP, Conv-4 and ResNet-18;
+* :mod:`metafunc.algorithms` and :mod:`metafunc.gradients`: the learners and the gradient paths;
+* :mod:`metafunc.registry`: every learner by name;
+* :mod:`metafunc.step`: the meta-step ``step(params, tasks) -> (loss, metrics, grads)``, default and compiled;
+* :mod:`metafunc.data`: tasks and episodes; :mod:`metafunc.distributed`: the sharded step;
+* :mod:`metafunc.train` and :mod:`metafunc.cli`: the trainer and the ``metafunc`` command.
+
+``import metafunc`` loads the core, the models, the learners, the registry and the step; the trainer, the CLI and
+``torch.distributed`` are imported only when used.
 """
 
-from . import models, tree
-from ._types import AdaptFn, LossFn, Metrics, ModelFn, Params, PerTaskFn, Selector, Task
-from .algorithms import META_SGD_LR_PREFIX, MetaLearner, anil, boil, fomaml, maml, meta_sgd, reptile, with_steps
-from .algorithms import fo_proto_maml, matching_net, proto_maml, prototype_head, prototypes, protonet
-from .batching import meta_batch, resolve_mode
-from .fast import meta_value_and_grad
-from .compiled import compiled_meta_step
-from .functional import FunctionalModel, check_params, functionalize
-from .inner import first_order, inner_loop, sgd_step
-from .norm import BatchNorm, GroupNorm, LayerNorm, convert_norm_layers, find_torch_norm_layers
-from .sinusoid import SinusoidTasks, sinusoid_tasks
-from . import paths
-from .paths import GRADIENT_PATHS, checkpointed_maml, conjugate_gradient, gradient_path, imaml, one_step
-from .resnet import resnet18
+from metafunc import gradients, registry
+from metafunc.algorithms import (
+    META_SGD_LR_PREFIX,
+    MetaLearner,
+    anil,
+    boil,
+    fo_proto_maml,
+    fomaml,
+    maml,
+    matching_net,
+    meta_sgd,
+    proto_maml,
+    protonet,
+    prototype_head,
+    prototypes,
+    reptile,
+    with_steps,
+)
+from metafunc.core import tree
+from metafunc.core.batching import meta_batch, resolve_mode
+from metafunc.core.functional import FunctionalModel, check_params, functionalize
+from metafunc.core.inner import first_order, inner_loop, sgd_step
+from metafunc.core.task_function import TaskFunction
+from metafunc.core.types import AdaptFn, LossFn, Metrics, ModelFn, Params, PerTaskFn, Selector, Task
+from metafunc.data.sinusoid import SinusoidTasks, sinusoid_tasks
+from metafunc.gradients import checkpointed_maml, conjugate_gradient, imaml, one_step
+from metafunc.nn import models
+from metafunc.nn.norm import BatchNorm, GroupNorm, LayerNorm, convert_norm_layers, find_torch_norm_layers
+from metafunc.nn.resnet import resnet18
+from metafunc.registry import (
+    GRADIENT_PATHS,
+    LEARNERS,
+    LearnerSpec,
+    build_learner_by_name,
+    gradient_path,
+    register_learner,
+)
+from metafunc.step import MetaStep, apply_grads, compiled_meta_step, meta_value_and_grad
 
 __version__ = "0.1.0"
 
 __all__ = [
     # types
-    "Params", "Metrics", "Task", "ModelFn", "LossFn", "AdaptFn", "PerTaskFn", "Selector",
+    "Params", "Metrics", "Task", "ModelFn", "LossFn", "AdaptFn", "PerTaskFn", "Selector", "TaskFunction",
     # functional core
     "functionalize", "FunctionalModel", "check_params", "inner_loop", "first_order", "sgd_step", "meta_batch",
-    "resolve_mode", "meta_value_and_grad", "compiled_meta_step",
+    "resolve_mode",
+    # the meta-step
+    "MetaStep", "apply_grads", "meta_value_and_grad", "compiled_meta_step",
     # norm layers
     "BatchNorm", "LayerNorm", "GroupNorm", "convert_norm_layers", "find_torch_norm_layers",
     # algorithms
     "MetaLearner", "maml", "fomaml", "anil", "boil", "meta_sgd", "reptile", "with_steps", "META_SGD_LR_PREFIX",
     "protonet", "matching_net", "proto_maml", "fo_proto_maml", "prototypes", "prototype_head",
     # gradient paths for long inner loops
-    "paths", "GRADIENT_PATHS", "gradient_path", "checkpointed_maml", "imaml", "one_step", "conjugate_gradient",
-    "resnet18",
+    "gradients", "GRADIENT_PATHS", "gradient_path", "checkpointed_maml", "imaml", "one_step", "conjugate_gradient",
+    # the registry
+    "registry", "LEARNERS", "LearnerSpec", "register_learner", "build_learner_by_name",
     # tasks and models
-    "sinusoid_tasks", "SinusoidTasks", "models", "tree",
+    "sinusoid_tasks", "SinusoidTasks", "models", "resnet18", "tree",
 ]

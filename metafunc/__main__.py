@@ -1,6 +1,6 @@
 """``python -m metafunc`` (and ``torchrun -m metafunc``) runs the ``metafunc`` command."""
 
-from .cli import main
+from metafunc.cli import main
 
 __all__: list[str] = []
 

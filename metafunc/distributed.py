@@ -6,10 +6,10 @@ all-reduce weighted by the number of tasks on each rank turns the shares into th
 meta-batch, equal to the single-process one (uneven splits too)::
 
     info = init_distributed(timeout=60)                           # reads torchrun's RANK / WORLD_SIZE / ...
-    tasks = sample_shard(sampler, 32, seed=0, step=step, rank=info.rank, world_size=info.world_size)
-    loss, metrics = meta_batch(learner.meta_loss)(params, tasks)
-    loss.backward()
-    loss, metrics = all_reduce_meta_grads(params, tasks.num_tasks, loss, metrics)   # .grad = whole-batch mean
+    step = sharded(meta_value_and_grad(learner))                  # any meta-step, distributed
+    tasks = sample_shard(sampler, 32, seed=0, step=it, rank=info.rank, world_size=info.world_size)
+    loss, metrics, grads = step(params, tasks)                    # the whole meta-batch's, on every rank
+    apply_grads(params, grads)
     optimizer.step()
 
 Episodes are keyed by ``(seed, step, task index)``, so the whole meta-batch of a step is the same for any number of
@@ -33,8 +33,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ._types import Metrics, Params, Task
-from ._validation import check_choice, check_task
+from metafunc._shared import check_choice
+from metafunc.core.types import Metrics, Params, Task, check_task
 
 __all__ = [
     "DistInfo",
@@ -52,8 +52,7 @@ __all__ = [
     "sample_shard",
     "ShardedSource",
     "all_reduce_meta_grads",
-    "distributed_meta_gradient",
-    "sharded_meta_grad",
+    "sharded",
     "broadcast_object",
     "barrier",
 ]
@@ -511,88 +510,45 @@ def all_reduce_meta_grads(
     return loss, out_metrics
 
 
-def distributed_meta_gradient(
-    batched_loss: Callable[[Params, Task], tuple[Tensor, Metrics]],
-    params: Params,
-    tasks: Task,
-) -> tuple[Tensor, Metrics]:
-    """The meta-gradient step of a distributed training loop: ``batched_loss(params, shard)``, ``backward()``, then
-    :func:`all_reduce_meta_grads`; ``.grad`` holds the whole meta-batch's meta-gradient and the returned loss and
-    metrics are whole-batch means. Pass it as ``metafunc.training.train(..., meta_gradient_fn=...)``.
+def sharded(step: Callable[[Params, Task], tuple[Tensor, Metrics, Params]], *, group: Any = None
+            ) -> Callable[[Params, Task], tuple[Tensor, Metrics, Params]]:
+    """Distribute any meta-step: ``sharded(step)(params, shard)`` runs ``step`` on this rank's share of the
+    meta-batch, then one all-reduce weighted by the number of tasks on each rank, and returns ``(loss, metrics,
+    grads)`` of the **whole** meta-batch on every rank: the same numbers as ``step`` on the whole meta-batch in one
+    process (uneven shards too), up to the order of a floating-point sum.
+
+    ``step`` is any meta-step of the ``step(params, tasks) -> (loss, metrics, grads)`` contract
+    (:func:`metafunc.meta_value_and_grad`, :func:`metafunc.compiled_meta_step`, ...). In a single process nothing is
+    communicated.
 
     Example:
-        >>> from metafunc import functionalize, maml, meta_batch, sinusoid_tasks
+        >>> from metafunc import functionalize, maml, meta_value_and_grad, sinusoid_tasks
         >>> model, params = functionalize(torch.nn.Linear(1, 1))
-        >>> tasks = sinusoid_tasks(3, shots=5, generator=torch.Generator().manual_seed(0))
-        >>> loss, metrics = distributed_meta_gradient(meta_batch(maml(model, loss="mse").meta_loss), params, tasks)
-        >>> params["weight"].grad.shape
-        torch.Size([1, 1])
-    """
-    loss, metrics = batched_loss(params, tasks)
-    loss.backward()
-    loss, metrics = all_reduce_meta_grads(params, Task(*tasks).num_tasks, loss.detach(),
-                                          {k: v.detach() for k, v in metrics.items()})
-    return loss, metrics  # type: ignore[return-value]
-
-
-def sharded_meta_grad(
-    fn: Callable[[Params, Task], Any],
-    *,
-    returns: Literal["loss", "grads"] = "loss",
-    group: Any = None,
-) -> Callable[[Params, Task], tuple[Params, Tensor, Metrics]]:
-    """Turn a meta-batched function into one that returns the whole meta-batch's meta-gradient from a shard.
-
-    ``returns="loss"``: ``fn(params, tasks) -> (loss, metrics)``, e.g. ``meta_batch(learner.meta_loss)``; the
-    shard's gradient is taken with :func:`torch.autograd.grad`. ``returns="grads"``: ``fn(params, tasks) ->
-    (grads, metrics)`` is already a meta-gradient function (an implicit or truncated gradient path) whose
-    ``metrics["loss"]`` is the shard's mean loss. Either way the result ``(grads, loss, metrics)`` is averaged over
-    all ranks weighted by their number of tasks, so it equals the single-process result on the whole meta-batch.
-
-    Example:
-        >>> from metafunc import functionalize, maml, meta_batch, sinusoid_tasks
-        >>> model, params = functionalize(torch.nn.Linear(1, 1))
-        >>> learner = maml(model, inner_lr=0.01, loss="mse")
-        >>> step = sharded_meta_grad(meta_batch(learner.meta_loss))
+        >>> step = sharded(meta_value_and_grad(maml(model, inner_lr=0.01, loss="mse")))
         >>> tasks = sinusoid_tasks(4, shots=5, generator=torch.Generator().manual_seed(0))
-        >>> grads, loss, metrics = step(params, tasks)
+        >>> loss, metrics, grads = step(params, tasks)
         >>> sorted(grads) == sorted(params)
         True
     """
-    if not callable(fn):
-        raise TypeError(f"sharded_meta_grad: fn must be callable (got {type(fn).__name__})")
-    check_choice("sharded_meta_grad", "returns", returns, ("loss", "grads"))
+    if not callable(step):
+        raise TypeError(f"sharded: step must be a meta-step step(params, tasks) -> (loss, metrics, grads) "
+                        f"(got {type(step).__name__})")
 
-    def step(params: Params, tasks: Task) -> tuple[Params, Tensor, Metrics]:
-        _check_tree("sharded_meta_grad", params)
-        tasks = check_task(tasks, caller="sharded_meta_grad")
-        names = list(params)
-        if returns == "loss":
-            out = fn(params, tasks)
-            loss, metrics = out if isinstance(out, tuple) else (out, {})
-            if not isinstance(loss, Tensor) or loss.dim() != 0:
-                raise ValueError("sharded_meta_grad: fn must return a scalar loss (use meta_batch(..., reduce='mean'))"
-                                 f" (got {type(loss).__name__} {tuple(getattr(loss, 'shape', ()))})")
-            wrt = [params[k] for k in names]
-            raw = torch.autograd.grad(loss, wrt, allow_unused=True)
-            grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(raw, wrt)]
-            loss = loss.detach()
-        else:
-            out = fn(params, tasks)
-            if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], dict)):
-                raise TypeError("sharded_meta_grad: with returns='grads', fn must return (grads, metrics) with grads a "
-                                f"dict like params (got {type(out).__name__})")
-            tree, metrics = out
-            missing = sorted(set(names) ^ set(tree))
-            if missing:
-                raise ValueError(f"sharded_meta_grad: the gradient tree and params differ in keys {missing[:6]}")
-            grads = [tree[k].detach() for k in names]
-            loss = torch.as_tensor(metrics["loss"]).detach() if "loss" in metrics else None
-        reduced, loss, metrics = _weighted_mean(grads, tasks.num_tasks, loss, dict(metrics), group)
-        return dict(zip(names, reduced)), loss, metrics  # type: ignore[return-value]
+    def run(params: Params, tasks: Task) -> tuple[Tensor, Metrics, Params]:
+        _check_tree("sharded", params)
+        tasks = check_task(tasks, caller="sharded")
+        out = step(params, tasks)
+        if not (isinstance(out, tuple) and len(out) == 3 and isinstance(out[2], dict)):
+            raise TypeError("sharded: step must return (loss, metrics, grads) with grads a dict like params, as "
+                            f"metafunc.meta_value_and_grad does (got {type(out).__name__})")
+        loss, metrics, grads = out
+        names = list(grads)
+        reduced, loss, metrics = _weighted_mean([grads[k].detach() for k in names], tasks.num_tasks,
+                                                loss.detach(), dict(metrics), group)
+        return loss, metrics, dict(zip(names, reduced))  # type: ignore[return-value]
 
-    step.__name__ = f"sharded_{getattr(fn, '__name__', 'meta_grad')}"
-    return step
+    run.__name__ = f"sharded_{getattr(step, '__name__', 'step')}"
+    return run
 
 
 def broadcast_object(obj: Any, src: int = 0, *, group: Any = None) -> Any:

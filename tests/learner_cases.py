@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from metafunc import MetaLearner, Params, Task, anil, boil, fomaml, functionalize, maml, meta_sgd, models, reptile
-from metafunc.sinusoid import sinusoid_tasks
+from metafunc.data.sinusoid import sinusoid_tasks
 
 __all__ = [
     "LearnerCase",
@@ -96,6 +96,11 @@ class LearnerCase:
     make_tasks: Callable[[int, torch.Generator], Task]
     marks: tuple = field(default=())
 
+    @property
+    def learner(self) -> str:
+        """The registry name of the case's learner (``metafunc.LEARNERS``): the id up to its first ``-``."""
+        return self.id.split("-")[0]
+
     def build(self, *, dtype: torch.dtype = torch.float32, seed: int = 0) -> tuple[MetaLearner, Params, nn.Module]:
         """``(learner, meta_params, module)`` with the module's weights drawn from ``seed``, in ``dtype``."""
         torch.manual_seed(seed)
@@ -149,4 +154,17 @@ CASES += [
                 feature_tasks()),
     LearnerCase("fo_proto_maml-two_pass-layernorm-mlp", lambda m: fo_proto_maml(m, inner_lr=0.3, steps=2, two_pass=True),
                 _LN_ENCODER, feature_tasks()),
+]
+
+# The gradient paths for long inner loops (registered learners too: the contract covers every entry of LEARNERS).
+from metafunc import checkpointed_maml, imaml, one_step  # noqa: E402
+
+_LN_CLASSIFIER = mlp_module(in_features=4, out_features=3, norm="layer")
+CASES += [
+    LearnerCase("checkpointed_maml-conv4-batchnorm", lambda m: checkpointed_maml(m, inner_lr=0.3, steps=3, checkpoints=2),
+                conv4_module(), classification_tasks()),
+    LearnerCase("one_step-layernorm-mlp-xent", lambda m: one_step(m, inner_lr=0.3, steps=3), _LN_CLASSIFIER,
+                feature_tasks()),
+    LearnerCase("imaml-layernorm-mlp-xent", lambda m: imaml(m, inner_lr=0.1, steps=3, lam=1.0, cg_iterations=3),
+                _LN_CLASSIFIER, feature_tasks()),
 ]

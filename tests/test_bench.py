@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import sys
 import textwrap
 
 import pytest
 import torch
 
-from metafunc.bench import BenchConfig, format_table, main, run_bench, run_case
+from metafunc.cli.bench import BenchConfig, format_table, main, run_bench, run_case
 
 
 def test_bench_table_and_json(tmp_path, capsys):
@@ -69,7 +68,7 @@ def test_user_module_factory(tmp_path, monkeypatch, capsys):
     (["--paths", "checkpointed", "--inner-steps", "4", "--checkpoints", "0"],
      "checkpointed_maml: checkpoints must be between 1 and steps=4 (got 0)"),
     (["--paths", "implicit", "--lam", "0"], "imaml: lam must be > 0 (got 0.0)"),
-    (["--paths", "implicit", "--cg-iterations", "0"], "metafunc bench: --cg-iterations must be >= 1 (got 0)"),
+    (["--paths", "implicit", "--cg-iterations", "0"], "metafunc bench: imaml: cg_iterations must be >= 1 (got 0)"),
 ])
 def test_bad_input_is_a_clear_error(argv, message, capsys):
     assert main(["--model", "mlp", "--quiet", "--memory", "none", *argv] if "--model" not in argv else

@@ -7,8 +7,13 @@ import pytest
 import torch
 
 from metafunc import functionalize, models
-from metafunc.checkpoint import (CHECKPOINT_FORMAT, check_compatible, load_checkpoint, param_signature,
-                                 save_checkpoint)
+from metafunc.train.checkpoint import (
+    CHECKPOINT_FORMAT,
+    check_compatible,
+    load_checkpoint,
+    param_signature,
+    save_checkpoint,
+)
 
 
 def _state(scale=1.0):

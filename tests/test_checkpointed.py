@@ -8,10 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from metafunc import Task, functionalize, maml, meta_batch, models
-from metafunc.paths import (GRADIENT_PATHS, checkpoint_positions, checkpointed_maml, default_checkpoints,
-                            gradient_path)
-from metafunc.tree import tree_norm, tree_relative_error, tree_scale
+from metafunc import GRADIENT_PATHS, Task, functionalize, gradient_path, maml, meta_batch, models
+from metafunc.core.tree import tree_norm, tree_relative_error, tree_scale
+from metafunc.gradients import checkpoint_positions, checkpointed_maml, default_checkpoints
 
 LR = 0.3
 

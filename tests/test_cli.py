@@ -9,9 +9,9 @@ import types
 import pytest
 import torch
 
-from metafunc.checkpoint import load_checkpoint
 from metafunc.cli import build_parser, load_config_file, main, train_config_from_args
-from metafunc.training import resolve_config
+from metafunc.train import resolve_config
+from metafunc.train.checkpoint import load_checkpoint
 
 SMALL = ["--dataset", "synthetic", "--width", "8", "--meta-batch", "3", "--val-episodes", "4", "--no-progress"]
 
@@ -108,13 +108,13 @@ def test_errors_are_clear_and_exit_with_status_2(tmp_path, capsys):
 
 
 def test_bench_is_dispatched_lazily_with_a_clear_message_when_missing(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "metafunc.bench", None)  # import fails
+    monkeypatch.setitem(sys.modules, "metafunc.cli.bench", None)  # import fails
     assert main(["bench", "--quick"]) == 2
-    assert "metafunc bench: the benchmark module metafunc.bench is not available" in capsys.readouterr().err
+    assert "metafunc bench: the benchmark module metafunc.cli.bench is not available" in capsys.readouterr().err
     seen = []
-    fake = types.ModuleType("metafunc.bench")
+    fake = types.ModuleType("metafunc.cli.bench")
     fake.main = lambda argv: seen.append(argv) or 0
-    monkeypatch.setitem(sys.modules, "metafunc.bench", fake)
+    monkeypatch.setitem(sys.modules, "metafunc.cli.bench", fake)
     assert main(["bench", "--quick", "--x", "1"]) == 0
     assert seen == [["--quick", "--x", "1"]]
 

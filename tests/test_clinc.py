@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_protonet import leaves
 
 from metafunc import Task, fo_proto_maml, functionalize, meta_batch, proto_maml, protonet
-from metafunc.text import (DEFAULT_TEST_DOMAINS, MiniLM, SentenceEncoder, clinc_domain_split, clinc_samplers,
-                           embed_texts, load_clinc150)
-from metafunc.tree import tree_relative_error
-from test_protonet import leaves
+from metafunc.core.tree import tree_relative_error
+from metafunc.text import (
+    DEFAULT_TEST_DOMAINS,
+    MiniLM,
+    SentenceEncoder,
+    clinc_domain_split,
+    clinc_samplers,
+    embed_texts,
+    load_clinc150,
+)
 
 
 @pytest.mark.data

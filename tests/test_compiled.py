@@ -8,11 +8,11 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
+from test_fast_paths import LR, _conv4, _reference, _tasks
 from torch import Tensor
 
 from metafunc import LayerNorm, Task, compiled_meta_step, functionalize, maml, meta_value_and_grad, protonet
-from metafunc.tree import tree_relative_error
-from test_fast_paths import LR, _conv4, _reference, _tasks
+from metafunc.core.tree import tree_relative_error
 
 f64 = torch.float64
 
@@ -90,7 +90,7 @@ def test_a_compiler_that_changes_the_meta_gradient_is_caught_on_the_first_call()
 def test_bad_arguments_are_refused_before_anything_is_traced():
     model, params = functionalize(_conv4())
     learner = maml(model, inner_lr=LR)
-    with pytest.raises(TypeError, match=r"^compiled_meta_step: per_task must be callable \(got int\)"):
+    with pytest.raises(TypeError, match=r"^compiled_meta_step: per_task must be a MetaLearner or callable as per_task\(params, task\) \(got int\)"):
         compiled_meta_step(3)
     with pytest.raises(ValueError, match=r"^compiled_meta_step: mode must be one of 'vmap', 'loop' \(got 'auto'\)"):
         compiled_meta_step(learner.meta_loss, mode="auto")

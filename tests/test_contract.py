@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
-
 from learner_cases import CASES, LearnerCase
+
 from metafunc import meta_batch, meta_value_and_grad
-from metafunc.fast import resolve_workers
-from metafunc.tree import tree_relative_error
+from metafunc.core.tree import tree_relative_error
+from metafunc.step.default import resolve_workers
 
 
 def _meta_gradient(learner, params, tasks, **meta_batch_kwargs):

@@ -20,10 +20,11 @@ import pytest
 import torch
 
 import metafunc
-from metafunc import Task, functionalize, meta_batch, models, sinusoid_tasks
+from metafunc import Task, apply_grads, functionalize, meta_batch, meta_value_and_grad, models, sinusoid_tasks
 from metafunc import distributed as D
-from metafunc.training import ALGORITHMS, TrainConfig, train
-from metafunc.tree import tree_relative_error
+from metafunc.core.tree import tree_relative_error
+from metafunc.registry import LEARNERS
+from metafunc.train import TrainConfig, train
 
 HERE = Path(__file__).resolve()
 ROOT = HERE.parents[1]
@@ -78,7 +79,7 @@ def _setup(name: str):
 def _train(name: str, steps: int, *, rank: int = 0, world_size: int = 1, mode: str = "vmap",
            state: dict | None = None, on_step=None) -> dict:
     """``steps`` Adam meta-steps as the CLI takes them: each rank draws its share of the meta-batch with a
-    ShardedSource and distributed_meta_gradient all-reduces the gradient. ``state`` resumes from a checkpoint."""
+    ShardedSource and ``sharded`` wraps the default meta-step. ``state`` resumes from a checkpoint."""
     params, learner, draw = _setup(name)
     opt = torch.optim.Adam(params.values(), lr=0.01)
     generator = torch.Generator().manual_seed(SEED)
@@ -91,11 +92,11 @@ def _train(name: str, steps: int, *, rank: int = 0, world_size: int = 1, mode: s
         generator.set_state(state["generator"])
         start = state["step"]
     source = D.ShardedSource(draw, rank=rank, world_size=world_size)
-    step_fn = meta_batch(learner.meta_loss, mode=mode)
+    step_fn = D.sharded(meta_value_and_grad(learner, mode=mode))
     for t in range(start, steps):
         tasks = source.sample(META_BATCH, generator)
-        opt.zero_grad()
-        D.distributed_meta_gradient(step_fn, params, tasks)
+        _, _, grads = step_fn(params, tasks)
+        apply_grads(params, grads)
         opt.step()
         if on_step is not None:
             on_step(t + 1, params, opt, generator)
@@ -120,10 +121,10 @@ def _reference_meta_grad(params: dict, tasks: Task, inner_steps: int = 2) -> dic
 
 
 def _train_loop(algorithm: str, rank: int, world_size: int, out: str) -> dict:
-    """2 iterations of ``metafunc.training.train`` with the hooks the CLI passes under torchrun (no files written)."""
+    """2 iterations of ``metafunc.train.train`` with the hooks the CLI passes under torchrun (no files written)."""
     cfg = TrainConfig(algorithm=algorithm, dataset="synthetic", meta_batch=META_BATCH, iterations=2, width=8,
                       val_every=0, checkpoint_every=0, inner_steps=1, out=out)
-    result = train(cfg, is_main=False, progress=False, meta_gradient_fn=D.distributed_meta_gradient,
+    result = train(cfg, is_main=False, progress=False, wrap_step=D.sharded,
                    train_source=lambda src: D.ShardedSource(src, rank=rank, world_size=world_size))
     return {k: v.detach().clone() for k, v in result.params.items()}
 
@@ -150,21 +151,21 @@ def worker_equivalence(out: str) -> None:
         loss, metrics = D.all_reduce_meta_grads(params, tasks.num_tasks, loss, metrics)
         result[f"backward_{mode}"] = {k: v.grad.clone() for k, v in params.items()}
         result[f"loss_{mode}"] = loss
-        # path 2: the sharded meta-gradient transform
-        grads, loss2, _ = D.sharded_meta_grad(meta_batch(learner.meta_loss, mode=mode))(params, tasks)
+        # path 2: the default meta-step, sharded
+        _, _, grads = D.sharded(meta_value_and_grad(learner, mode=mode))(params, tasks)
         result[f"sharded_{mode}"] = grads
-    # path 3: a function that returns gradients itself (first-order MAML's gradient, computed per shard)
+    # path 3: any hand-written meta-step (first-order MAML's gradient, computed per shard), sharded
     fo = metafunc.fomaml(model, inner_lr=INNER_LR, steps=2, loss="mse")
 
-    def fo_grads(p, t):
+    def fo_step(p, t):
         loss, metrics = meta_batch(fo.meta_loss)(p, t)
-        return dict(zip(p, torch.autograd.grad(loss, list(p.values())))), metrics
+        return loss, metrics, dict(zip(p, torch.autograd.grad(loss, list(p.values()))))
 
-    result["grads_fn"] = D.sharded_meta_grad(fo_grads, returns="grads")(params, tasks)[0]
+    result["grads_fn"] = D.sharded(fo_step)(params, tasks)[2]
     result["train_maml"] = _train("maml", 3, rank=info.rank, world_size=info.world_size, mode="vmap")
     result["train_protonet"] = _train("protonet", 3, rank=info.rank, world_size=info.world_size, mode="loop")
     torch.set_default_dtype(torch.float32)      # the training loop's models and task sources are float32
-    result["algorithms"] = {name: _train_loop(name, info.rank, info.world_size, out) for name in ALGORITHMS}
+    result["algorithms"] = {name: _train_loop(name, info.rank, info.world_size, out) for name in LEARNERS}
     torch.save(result, Path(out) / f"rank{info.rank}.pt")
     D.shutdown_distributed()
 
@@ -292,12 +293,9 @@ def test_single_process_all_reduce_is_the_identity(float64):
     assert tree_relative_error({k: v.grad for k, v in params.items()}, before) == 0.0
     assert torch.equal(new_loss, loss.detach()) and set(new_metrics) == set(metrics)
     reference = _reference_meta_grad(params, tasks)
-    grads, _, _ = D.sharded_meta_grad(meta_batch(learner.meta_loss))(params, tasks)
-    assert tree_relative_error(grads, reference) < 1e-10
-    for p in params.values():
-        p.grad = None
-    loss, _ = D.distributed_meta_gradient(meta_batch(learner.meta_loss, mode="loop"), params, tasks)
-    assert tree_relative_error({k: v.grad for k, v in params.items()}, reference) < 1e-10
+    for mode in ("vmap", "loop"):
+        _, _, grads = D.sharded(meta_value_and_grad(learner, mode=mode))(params, tasks)
+        assert tree_relative_error(grads, reference) < 1e-10, mode
 
 
 @pytest.mark.parametrize("call, message", [
@@ -310,7 +308,9 @@ def test_single_process_all_reduce_is_the_identity(float64):
     (lambda: D.init_distributed(backend="mpi"), "init_distributed: backend must be one of"),
     (lambda: D.all_reduce_meta_grads({"w": torch.ones(1)}, 0), "all_reduce_meta_grads: num_tasks must be >= 1"),
     (lambda: D.all_reduce_meta_grads([torch.ones(1)], 1), "all_reduce_meta_grads: params must be a non-empty dict"),
-    (lambda: D.sharded_meta_grad(len, returns="hessian"), "sharded_meta_grad: returns must be one of"),
+    (lambda: D.sharded(42), "sharded: step must be a meta-step step(params, tasks) -> (loss, metrics, grads)"),
+    (lambda: D.sharded(lambda p, t: (t, {}))({"w": torch.ones(1)}, Task(*(torch.ones(2, 1, 1) for _ in range(4)))),
+     "sharded: step must return (loss, metrics, grads)"),
 ])
 def test_bad_input_is_refused_with_the_function_and_the_value(call, message):
     with pytest.raises((ValueError, TypeError)) as info:
@@ -403,7 +403,7 @@ def test_cli_under_torchrun_equals_one_rank_and_resumes_with_another_number_of_r
     # what the CLI runs on 1 rank (WORLD_SIZE=1), computed here while the 2 ranks train
     cfg = TrainConfig(algorithm="maml", dataset="synthetic", meta_batch=5, width=8, val_every=0, iterations=5,
                       out=str(tmp_path / "b"))
-    one = train(cfg, is_main=False, progress=False, meta_gradient_fn=D.distributed_meta_gradient,
+    one = train(cfg, is_main=False, progress=False, wrap_step=D.sharded,
                 train_source=lambda src: D.ShardedSource(src, rank=0, world_size=1))
     for rc, log in _finish([two]):
         assert rc == 0, log

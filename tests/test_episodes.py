@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reference import reference_meta_gradient
 
 from metafunc import functionalize, maml, meta_batch, models
+from metafunc.core.tree import tree_relative_error
 from metafunc.data import EpisodeSampler
-from metafunc.tree import tree_relative_error
-from reference import reference_meta_gradient
 
 
 def coded_data(classes: int = 10, per_class: int = 6, size: int = 4):

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from metafunc import Task, functionalize, maml, meta_batch, meta_sgd, meta_value_and_grad, models, resolve_mode
-from metafunc.inner import inner_loop
-from metafunc.norm import BatchNorm
-from metafunc.tree import tree_relative_error
+from metafunc.core.inner import inner_loop
+from metafunc.core.tree import tree_relative_error
+from metafunc.nn.norm import BatchNorm
 
 f64 = torch.float64
 LR, WAYS = 0.3, 3
@@ -177,5 +177,5 @@ def test_bad_arguments_name_the_function_the_value_and_the_fix():
     frozen = {k: v.detach() for k, v in params.items()}
     with pytest.raises(ValueError, match=r"^meta_value_and_grad: no parameter requires grad"):
         meta_value_and_grad(learner.meta_loss)(frozen, _tasks(2))
-    with pytest.raises(TypeError, match=r"^meta_value_and_grad: per_task must be callable \(got int\)"):
+    with pytest.raises(TypeError, match=r"^meta_value_and_grad: per_task must be a MetaLearner or callable as per_task\(params, task\) \(got int\)"):
         meta_value_and_grad(3)

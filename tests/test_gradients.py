@@ -7,12 +7,24 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
+from learner_cases import classification_tasks, feature_tasks, regression_tasks
+from reference import finite_difference_gradient, reference_meta_gradient, reference_meta_loss_value
 from torch import nn
 
-from learner_cases import classification_tasks, feature_tasks, regression_tasks
-from metafunc import META_SGD_LR_PREFIX, Task, anil, boil, fomaml, functionalize, maml, meta_batch, meta_sgd, models, reptile
-from metafunc.tree import tree_relative_error
-from reference import finite_difference_gradient, reference_meta_gradient, reference_meta_loss_value
+from metafunc import (
+    META_SGD_LR_PREFIX,
+    Task,
+    anil,
+    boil,
+    fomaml,
+    functionalize,
+    maml,
+    meta_batch,
+    meta_sgd,
+    models,
+    reptile,
+)
+from metafunc.core.tree import tree_relative_error
 
 FACTORIES = {"maml": maml, "fomaml": fomaml, "anil": anil, "boil": boil, "meta_sgd": meta_sgd, "reptile": reptile}
 

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from metafunc import Task, functionalize, meta_batch, models
-from metafunc.paths import conjugate_gradient, gradient_path, imaml, proximal_inner_loop
-from metafunc.tree import tree_relative_error
+from metafunc import Task, functionalize, gradient_path, meta_batch, models
+from metafunc.core.tree import tree_relative_error
+from metafunc.gradients import conjugate_gradient, imaml, proximal_inner_loop
 
 
 def _meta_gradient(learner, params, tasks, mode):

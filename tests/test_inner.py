@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from metafunc import first_order, functionalize, inner_loop, models, sgd_step
-from metafunc.tree import tree_relative_error
+from metafunc.core.tree import tree_relative_error
 
 f64 = torch.float64
 

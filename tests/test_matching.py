@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from test_protonet import few_shot_tasks, leaves, meta_gradient, torch_encoder
 from torch import nn
 from torch.func import functional_call
 
 from metafunc import Task, convert_norm_layers, functionalize, matching_net, meta_batch
 from metafunc.algorithms.matching import FCE_PREFIX
-from metafunc.tree import tree_relative_error
-from test_protonet import few_shot_tasks, leaves, meta_gradient, torch_encoder
+from metafunc.core.tree import tree_relative_error
 
 
 def _cell(p: dict, prefix: str, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor):

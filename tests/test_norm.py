@@ -7,12 +7,23 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import reference_meta_gradient
 from torch import nn
 
-from metafunc import (BatchNorm, GroupNorm, LayerNorm, Task, anil, convert_norm_layers, find_torch_norm_layers,
-                      fomaml, functionalize, maml, meta_batch)
-from metafunc.tree import tree_relative_error
-from reference import reference_meta_gradient
+from metafunc import (
+    BatchNorm,
+    GroupNorm,
+    LayerNorm,
+    Task,
+    anil,
+    convert_norm_layers,
+    find_torch_norm_layers,
+    fomaml,
+    functionalize,
+    maml,
+    meta_batch,
+)
+from metafunc.core.tree import tree_relative_error
 
 f64 = torch.float64
 
@@ -48,7 +59,7 @@ def test_exact_layer_equals_torch_layer_forward_and_first_order(name):
         for p in theirs.parameters():
             p.copy_(torch.randn_like(p))
     ours = convert_norm_layers(theirs)
-    assert type(ours).__module__ == "metafunc.norm" and find_torch_norm_layers(ours) == []
+    assert type(ours).__module__ == "metafunc.nn.norm" and find_torch_norm_layers(ours) == []
     x = 3 * torch.randn(shape, dtype=f64) + 1
     out_theirs, grads_theirs = _input_and_weight_grads(theirs, x)
     out_ours, grads_ours = _input_and_weight_grads(ours, x)

@@ -8,9 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from metafunc import Task, fomaml, functionalize, maml, meta_batch, models
-from metafunc.paths import gradient_path, one_step
-from metafunc.tree import tree_relative_error
+from metafunc import Task, fomaml, functionalize, gradient_path, maml, meta_batch, models, one_step
+from metafunc.core.tree import tree_relative_error
 
 LR = 0.3
 

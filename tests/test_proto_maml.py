@@ -5,14 +5,22 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from test_protonet import few_shot_tasks, leaves, meta_gradient, torch_encoder
 from torch import nn
 from torch.func import functional_call
 
-from metafunc import (Task, convert_norm_layers, fo_proto_maml, functionalize, meta_batch, proto_maml,
-                      prototype_head, protonet)
+from metafunc import (
+    Task,
+    convert_norm_layers,
+    fo_proto_maml,
+    functionalize,
+    meta_batch,
+    proto_maml,
+    protonet,
+    prototype_head,
+)
 from metafunc.algorithms.proto_maml import HEAD_BIAS, HEAD_WEIGHT
-from metafunc.tree import tree_relative_error
-from test_protonet import few_shot_tasks, leaves, meta_gradient, torch_encoder
+from metafunc.core.tree import tree_relative_error
 
 
 def reference_task_loss(module, theta, task, *, ways, inner_lr, head_lr, steps, first_order, adapted=None):

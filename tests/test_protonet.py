@@ -10,7 +10,7 @@ from torch.func import functional_call
 
 from metafunc import Task, convert_norm_layers, functionalize, meta_batch, protonet, prototypes
 from metafunc.algorithms.protonet import PROTOTYPES_KEY, squared_distances
-from metafunc.tree import tree_relative_error
+from metafunc.core.tree import tree_relative_error
 
 
 def torch_encoder() -> nn.Module:

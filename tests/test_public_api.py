@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import doctest
 import importlib
-import inspect
 import importlib.resources
+import inspect
 import pkgutil
 
 import pytest
@@ -14,9 +14,9 @@ import torch
 import metafunc
 
 CORE_MODULES = [
-    "metafunc", "metafunc._types", "metafunc.tree", "metafunc.functional", "metafunc.norm", "metafunc.inner",
-    "metafunc.batching", "metafunc.algorithms", "metafunc.algorithms._base", "metafunc.algorithms.maml",
-    "metafunc.algorithms.reptile", "metafunc.models", "metafunc.sinusoid",
+    "metafunc", "metafunc.core.types", "metafunc.core.tree", "metafunc.core.functional", "metafunc.nn.norm", "metafunc.core.inner",
+    "metafunc.core.batching", "metafunc.algorithms", "metafunc.algorithms._learner", "metafunc.algorithms.maml",
+    "metafunc.algorithms.reptile", "metafunc.nn.models", "metafunc.data.sinusoid",
 ]
 
 

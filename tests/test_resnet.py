@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from metafunc import Task, functionalize, maml, meta_batch
-from metafunc.norm import BatchNorm, find_torch_norm_layers
-from metafunc.paths import checkpointed_maml
-from metafunc.resnet import resnet18
-from metafunc.tree import tree_relative_error
+from metafunc.core.tree import tree_relative_error
+from metafunc.gradients import checkpointed_maml
+from metafunc.nn.norm import BatchNorm, find_torch_norm_layers
+from metafunc.nn.resnet import resnet18
 
 
 def test_standard_resnet18_shapes_and_parameter_count():

@@ -7,7 +7,7 @@ import math
 import torch
 
 from metafunc import Task, sinusoid_tasks
-from metafunc.sinusoid import AMPLITUDE_RANGE, INPUT_RANGE, PHASE_RANGE, SinusoidTasks
+from metafunc.data.sinusoid import AMPLITUDE_RANGE, INPUT_RANGE, PHASE_RANGE, SinusoidTasks
 
 
 def _sample(seed=0, **kwargs):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from metafunc.training import TrainConfig, pretrain_baseline, sinusoid_comparison, train
+from metafunc.train import TrainConfig, pretrain_baseline, sinusoid_comparison, train
 
 
 @pytest.fixture

@@ -8,12 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from metafunc import functionalize, maml, meta_batch, models
-from metafunc.checkpoint import load_checkpoint
-from metafunc.evaluation import BATCHNORM_PROTOCOL, confidence_interval, evaluate_episodes, task_scores
-from metafunc.training import (GaussianClassification, SinusoidSource, TrainConfig, build_experiment, meta_gradient,
-                               resolve_config, train)
-from metafunc.tree import tree_relative_error
+from metafunc import functionalize, maml, meta_value_and_grad, models
+from metafunc.core.tree import tree_relative_error
+from metafunc.train import GaussianClassification, SinusoidSource, TrainConfig, build_experiment, resolve_config, train
+from metafunc.train.checkpoint import load_checkpoint
+from metafunc.train.evaluation import BATCHNORM_PROTOCOL, confidence_interval, evaluate_episodes, task_scores
 
 
 def _cfg(tmp_path, name, **kw):
@@ -50,15 +49,17 @@ def test_resumed_run_matches_an_uninterrupted_one_bit_for_bit(tmp_path, dataset,
 def test_crash_mid_training_keeps_the_last_checkpoint_and_resume_completes_the_run(tmp_path):
     calls = {"n": 0}
 
-    def crashing(batched, params, tasks):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise RuntimeError("simulated crash at iteration 5")
-        return meta_gradient(batched, params, tasks)
+    def crashing(step):
+        def run(params, tasks):
+            calls["n"] += 1
+            if calls["n"] == 5:
+                raise RuntimeError("simulated crash at iteration 5")
+            return step(params, tasks)
+        return run
 
     cfg = _cfg(tmp_path, "crash", checkpoint_every=2)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train(cfg, progress=False, meta_gradient_fn=crashing)
+        train(cfg, progress=False, wrap_step=crashing)
     assert load_checkpoint(tmp_path / "crash" / "checkpoint.pt")["iteration"] == 4
     assert sorted(p.name for p in (tmp_path / "crash").iterdir()) == ["checkpoint.pt", "config.json", "metrics.jsonl"]
     resumed = train(cfg, resume=True, progress=False)
@@ -102,19 +103,19 @@ def test_only_the_main_process_writes(tmp_path, monkeypatch):
     assert not (tmp_path / "rank1").exists()
 
 
-def test_the_meta_gradient_step_is_replaceable(tmp_path):
+def test_the_meta_step_is_wrappable(tmp_path):
     seen = []
 
-    def halved(batched, params, tasks):
-        seen.append(tasks.num_tasks)
-        loss, metrics = meta_gradient(batched, params, tasks)
-        for p in params.values():
-            p.grad.mul_(0.0)  # a step that zeroes the gradient leaves the weights where they were
-        return loss, metrics
+    def zeroed(step):
+        def run(params, tasks):
+            seen.append(tasks.num_tasks)
+            loss, metrics, grads = step(params, tasks)
+            return loss, metrics, {k: g * 0.0 for k, g in grads.items()}  # zero gradient: the weights stay put
+        return run
 
     cfg = _cfg(tmp_path, "zero", iterations=3)
     before = build_experiment(cfg).params
-    result = train(cfg, progress=False, meta_gradient_fn=halved)
+    result = train(cfg, progress=False, wrap_step=zeroed)
     assert seen == [3, 3, 3]
     assert tree_relative_error(result.params, before) == 0.0
 
@@ -126,8 +127,7 @@ def test_training_meta_gradient_equals_an_autograd_loop_in_float64(float64, mode
     learner = maml(model, inner_lr=0.3, steps=2)
     tasks = GaussianClassification(ways=4, shots=2, queries=3, dim=3, dtype=torch.float64).sample(
         3, torch.Generator().manual_seed(0))
-    loss, _ = meta_gradient(meta_batch(learner.meta_loss, mode=mode), params, tasks)
-    got = {k: v.grad.clone() for k, v in params.items()}
+    loss, _, got = meta_value_and_grad(learner, mode=mode)(params, tasks)   # the trainer's step
 
     reference = {k: torch.zeros_like(v) for k, v in params.items()}
     total = 0.0

@@ -7,9 +7,23 @@ import math
 import pytest
 import torch
 
-from metafunc.tree import (combine, partition, select, tree_add, tree_allclose, tree_axpy, tree_detach, tree_dot,
-                           tree_flatten, tree_map, tree_norm, tree_relative_error, tree_scale, tree_sub,
-                           tree_zeros_like)
+from metafunc.core.tree import (
+    combine,
+    partition,
+    select,
+    tree_add,
+    tree_allclose,
+    tree_axpy,
+    tree_detach,
+    tree_dot,
+    tree_flatten,
+    tree_map,
+    tree_norm,
+    tree_relative_error,
+    tree_scale,
+    tree_sub,
+    tree_zeros_like,
+)
 
 
 def _trees():

@@ -6,10 +6,22 @@ import pytest
 import torch
 from torch import nn
 
-import metafunc.batching
-import metafunc.inner
-from metafunc import (Task, anil, boil, fomaml, functionalize, inner_loop, maml, meta_batch, meta_sgd, models,
-                      reptile, sinusoid_tasks)
+import metafunc.core.batching
+import metafunc.core.inner
+from metafunc import (
+    Task,
+    anil,
+    boil,
+    fomaml,
+    functionalize,
+    inner_loop,
+    maml,
+    meta_batch,
+    meta_sgd,
+    models,
+    reptile,
+    sinusoid_tasks,
+)
 
 FACTORIES = [maml, fomaml, anil, boil, meta_sgd, reptile]
 
@@ -21,8 +33,8 @@ def no_transform(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("a torch.func transform ran before the input was validated")
 
-    monkeypatch.setattr(metafunc.batching, "vmap", forbidden)
-    monkeypatch.setattr(metafunc.inner, "grad_and_value", forbidden)
+    monkeypatch.setattr(metafunc.core.batching, "vmap", forbidden)
+    monkeypatch.setattr(metafunc.core.inner, "grad_and_value", forbidden)
     monkeypatch.setattr(torch.autograd, "grad", forbidden)  # an inner loop written with plain autograd
 
 
@@ -112,7 +124,7 @@ def test_unknown_mode_and_reduce():
         meta_batch(learner.meta_loss, mode="pmap")
     with pytest.raises(ValueError, match=r"^meta_batch: reduce must be one of 'mean', 'sum', 'none' \(got 'max'\)"):
         meta_batch(learner.meta_loss, reduce="max")
-    with pytest.raises(TypeError, match="^meta_batch: per_task must be callable"):
+    with pytest.raises(TypeError, match="^meta_batch: per_task must be a MetaLearner or callable"):
         meta_batch(None)
 
 

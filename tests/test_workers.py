@@ -12,11 +12,12 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 import torch.nn.functional as F
-
-from metafunc import Task, fast, functionalize, maml, meta_value_and_grad, models, protonet
-from metafunc.functional import thread_safe
-from metafunc.tree import tree_relative_error
 from test_fast_paths import LR, _conv4, _reference, _tasks
+
+from metafunc import Task, functionalize, maml, meta_value_and_grad, models, protonet
+from metafunc.core.functional import thread_safe
+from metafunc.core.tree import tree_relative_error
+from metafunc.step import default as fast
 
 f32 = torch.float32
 

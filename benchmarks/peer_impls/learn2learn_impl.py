@@ -14,11 +14,10 @@ import sys
 import types
 from typing import Callable
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._common import class_means, grads_of, squared_distances, zero_grads
+from ._common import grads_of, zero_grads
 
 
 def _import_maml():

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Callable
 
-import torch
 from torch import Tensor, nn
 
 import metafunc
-from metafunc import fast
+from metafunc.step import default as fast
 
 AVAILABLE, WHY = True, ""
 

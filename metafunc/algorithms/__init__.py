@@ -1,11 +1,11 @@
 """Meta-learning algorithms, each a factory returning a :class:`MetaLearner` of pure functions."""
 
-from ._base import MetaLearner, with_steps
-from .maml import META_SGD_LR_PREFIX, anil, boil, fomaml, maml, meta_sgd
-from .matching import matching_net
-from .proto_maml import fo_proto_maml, proto_maml, prototype_head
-from .protonet import prototypes, protonet
-from .reptile import reptile
+from metafunc.algorithms._learner import MetaLearner, with_steps
+from metafunc.algorithms.maml import META_SGD_LR_PREFIX, anil, boil, fomaml, maml, meta_sgd
+from metafunc.algorithms.matching import matching_net
+from metafunc.algorithms.proto_maml import fo_proto_maml, proto_maml, prototype_head
+from metafunc.algorithms.protonet import protonet, prototypes
+from metafunc.algorithms.reptile import reptile
 
 __all__ = ["MetaLearner", "with_steps", "maml", "fomaml", "anil", "boil", "meta_sgd", "reptile", "META_SGD_LR_PREFIX",
            "protonet", "matching_net", "proto_maml", "fo_proto_maml", "prototypes", "prototype_head"]

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .._types import ModelFn, Params, Selector
-from .._validation import check_positive, check_steps
-from ..inner import first_order as first_order_transform
-from ..inner import inner_loop
-from ..tree import _predicate
-from ._base import LossSpec, MetaLearner, build_learner, check_model, resolve_loss
+from metafunc._shared import check_positive, check_steps
+from metafunc.algorithms._learner import LossSpec, MetaLearner, build_learner, check_model, resolve_loss
+from metafunc.core.inner import first_order as first_order_transform
+from metafunc.core.inner import inner_loop
+from metafunc.core.tree import selector_predicate
+from metafunc.core.types import ModelFn, Params, Selector
 
 __all__ = ["maml", "fomaml", "anil", "boil", "meta_sgd", "META_SGD_LR_PREFIX"]
 
@@ -96,7 +96,7 @@ def boil(model: ModelFn, *, head: Selector = "head", inner_lr: float = 0.4, step
         >>> model, params = functionalize(models.conv4(ways=5))
         >>> learner = boil(model, head="head", inner_lr=0.4)
     """
-    is_head = _predicate(head, "boil")
+    is_head = selector_predicate(head, "boil")
     return _gradient_learner("boil", model, inner_lr=inner_lr, steps=steps, loss=loss, first_order=first_order,
                              adapt=lambda name: not is_head(name))
 
@@ -125,7 +125,7 @@ def meta_sgd(model: ModelFn, *, inner_lr: float = 0.4, steps: int = 1, loss: Los
     if not isinstance(first_order, bool):
         raise TypeError(f"{name}: first_order must be a bool (got {first_order!r})")
     loss_fn, classification = resolve_loss(loss, name)
-    select_adapted = _predicate(adapt, name)
+    select_adapted = selector_predicate(adapt, name)
 
     def task_loss(params: Params, x: Tensor, y: Tensor) -> Tensor:
         return loss_fn(model(params, x), y)

@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._types import Metrics, ModelFn, Params, Task
-from .._validation import check_positive, check_steps
-from ._base import MetaLearner, check_model, task_metrics
-from .protonet import WaysResolver, check_ways, metric_objectives, one_hot
+from metafunc._shared import check_positive, check_steps
+from metafunc.algorithms._learner import MetaLearner, check_model, task_metrics
+from metafunc.algorithms._metric import WaysResolver, check_ways, metric_objectives, one_hot
+from metafunc.core.types import Metrics, ModelFn, Params, Task
 
 __all__ = ["matching_net", "FCE_PREFIX", "SUPPORT_FEATURES_KEY", "SUPPORT_LABELS_KEY"]
 
@@ -160,14 +160,10 @@ def matching_net(encoder: ModelFn, *, ways: int | None = None, temperature: floa
 
     meta_loss, evaluate = metric_objectives(name, score, encoder=encoder, ways=resolve_ways,
                                             encoder_params=encoder_params)
-    for fn in (meta_loss, evaluate):
-        inner_validate = fn.validate  # type: ignore[attr-defined]
 
-        def validate(params: Params, tasks: Task, vmapped: bool = True, batched: bool = True,
-                     _inner=inner_validate) -> None:
-            check_fce(params)
-            _inner(params, tasks, vmapped, batched)
+    def fce_check(params: Params, tasks: Task, vmapped: bool = True, batched: bool = True) -> None:
+        check_fce(params)
 
-        fn.validate = validate  # type: ignore[attr-defined]
+    meta_loss, evaluate = meta_loss.checked(fce_check), evaluate.checked(fce_check)
     return MetaLearner(name=name, init=init, adapt=adapt, meta_loss=meta_loss, evaluate=evaluate,
                        predict=predict, second_order=False, model=encoder)

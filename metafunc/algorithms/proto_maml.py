@@ -17,12 +17,14 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import grad
 
-from .._types import Metrics, ModelFn, Params, Selector, Task
-from .._validation import check_positive, check_steps
-from ..inner import inner_loop
-from ..tree import _predicate, tree_detach
-from ._base import MetaLearner, check_model, task_metrics
-from .protonet import WaysResolver, attach_metric_checks, check_ways, prototypes
+from metafunc._shared import check_positive, check_steps, under_func_transform
+from metafunc.algorithms._learner import MetaLearner, check_model, task_metrics
+from metafunc.algorithms._metric import WaysResolver, check_ways, metric_checks, prototypes
+from metafunc.core.functional import thread_safe
+from metafunc.core.inner import inner_loop
+from metafunc.core.task_function import TaskFunction
+from metafunc.core.tree import selector_predicate, tree_detach, tree_straight_through
+from metafunc.core.types import Metrics, ModelFn, Params, Selector, Task
 
 __all__ = ["proto_maml", "fo_proto_maml", "prototype_head", "HEAD_WEIGHT", "HEAD_BIAS"]
 
@@ -48,15 +50,10 @@ def prototype_head(features: Tensor, labels: Tensor, ways: int) -> tuple[Tensor,
     return 2 * centres, -(centres * centres).sum(-1)
 
 
-def _inside_functorch() -> bool:
-    peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)
-    return peek is None or peek() is not None
-
-
 def _gradient(fn: Callable[[Params], Any], inputs: Params, *, has_aux: bool = False) -> Any:
     """``torch.func.grad(fn)(inputs)``; outside any ``torch.func`` transform it uses ``torch.autograd.grad`` on
     fresh leaves instead, which (unlike ``torch.func.grad``) keeps no graph for double backward while it runs."""
-    if _inside_functorch():
+    if under_func_transform():
         return grad(fn, has_aux=has_aux)(inputs)
     leaves = {k: v.detach().requires_grad_(True) for k, v in inputs.items()}
     with torch.enable_grad():
@@ -84,7 +81,7 @@ def _proto_maml(name: str, encoder: ModelFn, *, inner_lr: float, head_lr: float 
         raise ValueError(f"{name}: two_pass=True is the first-order gradient path; use fo_proto_maml(..., "
                          "two_pass=True) (second-order ProtoMAML keeps the inner-loop graph)")
     resolve_ways = WaysResolver(name, check_ways(name, ways))
-    adapts_encoder = _predicate(adapt, name)
+    adapts_encoder = selector_predicate(adapt, name)
 
     def encoder_params(params: Params) -> Params:
         return {k: v for k, v in params.items() if k not in _HEAD_KEYS}
@@ -108,12 +105,12 @@ def _proto_maml(name: str, encoder: ModelFn, *, inner_lr: float, head_lr: float 
         start = {**(tree_detach(theta) if first_order else theta), **tree_detach(gamma)}
         phi, losses = inner(start, x, y, lr=lrs, steps=n_steps)  # type: ignore[arg-type]
         if first_order:  # d phi / d theta = I
-            phi = {**phi, **{k: theta[k] + (phi[k] - theta[k].detach()).detach() for k in theta}}
+            phi = tree_straight_through(theta, phi)
         return phi, losses
 
     def rewrite(phi: Params, gamma: Params) -> Params:
         """``phi = gamma + stopgrad(phi - gamma)`` on the output layer: same values, gradient into the prototypes."""
-        return {**phi, **{k: gamma[k] + (phi[k] - gamma[k]).detach() for k in _HEAD_KEYS}}
+        return tree_straight_through(gamma, phi)
 
     def adapt_task(params: Params, x: Tensor, y: Tensor, *, steps: int | None = None) -> tuple[Params, Tensor]:
         if steps is not None:
@@ -183,27 +180,24 @@ def _proto_maml(name: str, encoder: ModelFn, *, inner_lr: float, head_lr: float 
             raise ValueError(f"{name}: predict needs the task parameters returned by adapt (missing {missing})")
         return logits_of(task_params, x)
 
-    per_task.__name__, evaluate.__name__ = f"{name}_meta_loss", f"{name}_evaluate"
     second_order = not first_order
-    for fn in (per_task, evaluate):
-        attach_metric_checks(fn, caller=name, encoder=encoder, ways=resolve_ways, encoder_params=encoder_params,
-                             second_order=second_order)
-        _refuse_head_names(fn, name)
-    return MetaLearner(name=name, init=lambda p: dict(p), adapt=adapt_task, meta_loss=per_task, evaluate=evaluate,
-                       predict=predict, second_order=second_order, model=encoder)
-
-
-def _refuse_head_names(fn: Callable, name: str) -> None:
-    inner_validate = fn.validate  # type: ignore[attr-defined]
+    encoder_checks = metric_checks(caller=name, encoder=encoder, ways=resolve_ways, encoder_params=encoder_params,
+                                   second_order=second_order)
 
     def validate(params: Params, tasks: Task, vmapped: bool = True, batched: bool = True) -> None:
         clash = [k for k in _HEAD_KEYS if k in params]
         if clash:
             raise ValueError(f"{name}: the encoder parameters must not use the names {clash}, which hold the "
                              "prototype-initialised output layer; rename that submodule")
-        inner_validate(params, tasks, vmapped, batched)
+        encoder_checks(params, tasks, vmapped, batched)
 
-    fn.validate = validate  # type: ignore[attr-defined]
+    def safe() -> bool:
+        return thread_safe(encoder)
+
+    return MetaLearner(name=name, init=lambda p: dict(p), adapt=adapt_task,
+                       meta_loss=TaskFunction(per_task, validate=validate, thread_safe=safe, name=f"{name}_meta_loss"),
+                       evaluate=TaskFunction(evaluate, validate=validate, thread_safe=safe, name=f"{name}_evaluate"),
+                       predict=predict, second_order=second_order, model=encoder)
 
 
 def proto_maml(encoder: ModelFn, *, inner_lr: float = 0.1, head_lr: float | None = None, steps: int = 1,

@@ -1,176 +1,19 @@
-"""Prototypical Networks (Snell et al., 2017) and the checks every metric-based learner shares.
-
-A metric learner embeds the support set with a pure encoder ``encoder(params, x) -> (examples, features)`` and
-classifies queries by a distance to the embedded support set; there is no inner loop. The number of ways is fixed by
-``ways=`` or derived eagerly from the labels' range when :func:`metafunc.meta_batch` validates a meta-batch.
-"""
+"""Prototypical Networks (Snell et al., 2017): queries scored by their distance to the class means of the support
+set in the encoder's feature space (the shared metric-learner pieces are in :mod:`metafunc.algorithms._metric`)."""
 
 from __future__ import annotations
 
-import functools
-from typing import Callable
-
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._types import Metrics, ModelFn, Params, Task
-from .._validation import check_steps, check_task
-from ..functional import check_params, thread_safe
-from ._base import MetaLearner, check_model, task_metrics
+from metafunc.algorithms._learner import MetaLearner, check_model, task_metrics
+from metafunc.algorithms._metric import WaysResolver, check_ways, metric_objectives, prototypes, squared_distances
+from metafunc.core.types import Metrics, ModelFn, Params, Task
 
 __all__ = ["protonet", "prototypes", "squared_distances", "PROTOTYPES_KEY"]
 
 PROTOTYPES_KEY = "prototypes"
 """``protonet``'s ``adapt`` returns the encoder's parameters plus the class prototypes under this key."""
-
-
-def prototypes(features: Tensor, labels: Tensor, ways: int) -> Tensor:
-    """Class means ``(ways, features)`` of embedded examples ``(examples, features)`` with labels in ``[0, ways)``.
-
-    Written with a one-hot matrix product, so it runs under ``vmap`` and is differentiable in ``features``.
-
-    Example:
-        >>> prototypes(torch.tensor([[0.0, 2.0], [2.0, 0.0], [4.0, 4.0]]), torch.tensor([0, 0, 1]), 2)
-        tensor([[1., 1.],
-                [4., 4.]])
-    """
-    onehot = one_hot(labels, ways, features.dtype)
-    counts = onehot.sum(0)
-    return (onehot.transpose(0, 1) @ features) / counts.unsqueeze(-1)
-
-
-def one_hot(labels: Tensor, ways: int, dtype: torch.dtype) -> Tensor:
-    """``(examples, ways)`` indicator matrix; unlike ``F.one_hot`` it reads no label value, so it runs under any
-    ``torch.func`` transform (``F.one_hot`` range-checks with ``.item()`` under ``grad`` inside ``vmap``)."""
-    return (labels.unsqueeze(-1) == torch.arange(ways, device=labels.device)).to(dtype)
-
-
-def squared_distances(queries: Tensor, centres: Tensor) -> Tensor:
-    """``||q_i - c_k||^2`` as a ``(queries, centres)`` matrix (computed from differences, exact in float64).
-
-    Example:
-        >>> squared_distances(torch.zeros(1, 2), torch.tensor([[3.0, 4.0]]))
-        tensor([[25.]])
-    """
-    diff = queries.unsqueeze(-2) - centres.unsqueeze(-3)
-    return (diff * diff).sum(-1)
-
-
-def check_ways(caller: str, ways: object) -> int | None:
-    if ways is None:
-        return None
-    check_steps(caller, "ways", ways, minimum=2)
-    return ways  # type: ignore[return-value]
-
-
-class WaysResolver:
-    """Number of classes of a task: fixed, or derived eagerly from the labels and remembered for ``vmap``.
-
-    Under ``vmap`` labels are batched and cannot be read, so the value derived by ``validate`` (which
-    :func:`metafunc.meta_batch` runs before any transform) is used.
-    """
-
-    def __init__(self, caller: str, ways: int | None):
-        self.caller, self.fixed, self.derived = caller, ways, None
-
-    def __call__(self, support_y: Tensor) -> int:
-        if self.fixed is not None:
-            return self.fixed
-        try:
-            return int(support_y.max()) + 1
-        except RuntimeError:  # batched labels under vmap: .item() is not allowed
-            if self.derived is None:
-                raise ValueError(
-                    f"{self.caller}: cannot read the number of ways from labels under vmap; pass ways= to "
-                    f"{self.caller}(...) or batch with metafunc.meta_batch (which derives it eagerly)"
-                ) from None
-            return self.derived
-
-
-def attach_metric_checks(fn: Callable, *, caller: str, encoder: ModelFn, ways: WaysResolver,
-                         encoder_params: Callable[[Params], Params] = lambda p: p,
-                         second_order: bool = False) -> Callable:
-    """Give a per-task metric-learner function the eager ``validate(params, tasks, vmapped)`` of :func:`meta_batch`.
-
-    It checks the parameter names, that the encoder returns ``(examples, features)``, that labels are integers,
-    derives (or checks) the number of ways, and that every support set holds every class.
-    """
-    shapes: dict[tuple, tuple[int, ...]] = {}
-
-    def validate(params: Params, tasks: Task, vmapped: bool = True, batched: bool = True) -> None:
-        check_params(params, encoder, caller=caller)
-        tasks = check_task(tasks, caller=caller, batched=batched)
-        if vmapped and second_order and getattr(encoder, "torch_norm_layers", []):
-            raise ValueError(
-                f"{caller}: the encoder has torch norm layers {encoder.torch_norm_layers} whose second-order "  # type: ignore[attr-defined]
-                f"gradients are wrong under vmap on torch {torch.__version__.split('+')[0]}; convert them with "
-                "metafunc.convert_norm_layers(module) before functionalize (or use meta_batch(..., mode='loop'))"
-            )
-        x = tasks.support_x[0] if batched else tasks.support_x
-        key = (tuple(x.shape[1:]), x.dtype, x.device)
-        if key not in shapes:
-            with torch.no_grad():
-                out = encoder(encoder_params(params), x[:2])
-            shapes[key] = tuple(out.shape)
-        if len(shapes[key]) != 2:
-            raise ValueError(
-                f"{caller}: the encoder must return features of shape (examples, features) (got shape "
-                f"{shapes[key]} for {min(2, x.shape[0])} examples); flatten its output, e.g. end it with nn.Flatten()"
-            )
-        support_y = tasks.support_y if batched else tasks.support_y.unsqueeze(0)
-        query_y = tasks.query_y if batched else tasks.query_y.unsqueeze(0)
-        for name, y in (("support_y", support_y), ("query_y", query_y)):
-            if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool or y.dim() != 2:
-                raise TypeError(
-                    f"{caller}: task.{name} must hold one integer class label per example (got dtype {y.dtype}, "
-                    f"shape {tuple(y.shape)})"
-                )
-            if int(y.min()) < 0:
-                raise ValueError(f"{caller}: task.{name} has negative labels (min {int(y.min())}); relabel 0..ways-1")
-        top = max(int(support_y.max()), int(query_y.max())) + 1
-        n = ways.fixed
-        if n is None:
-            n = max(top, 2)
-            ways.derived = n
-        elif top > n:
-            raise ValueError(
-                f"{caller}: the labels go up to {top - 1} but ways={n}; labels must be in [0, {n - 1}] "
-                f"(pass ways={top} or relabel each task 0..ways-1)"
-            )
-        present = torch.stack([(support_y == k).any(dim=1) for k in range(n)], dim=1)  # (tasks, ways)
-        if not bool(present.all()):
-            task_index, klass = (int(i) for i in (~present).nonzero()[0])
-            raise ValueError(
-                f"{caller}: the support set of task {task_index} has no example of class {klass} (ways={n}); "
-                "every class 0..ways-1 needs at least one support example"
-            )
-
-    fn.validate = validate  # type: ignore[attr-defined]
-    fn.thread_safe = functools.partial(thread_safe, encoder)  # type: ignore[attr-defined]
-    return fn
-
-
-def metric_objectives(name: str, score: Callable[[Params, Task], tuple[Tensor, Metrics]], *, encoder: ModelFn,
-                      ways: WaysResolver, encoder_params: Callable[[Params], Params]) -> tuple[Callable, Callable]:
-    """``(meta_loss, evaluate)`` of a metric learner from its per-task ``score``, with the eager checks attached.
-
-    A metric learner has no inner loop: ``meta_loss`` is the query loss of ``score`` and ``evaluate`` the same without
-    a graph (its ``steps`` argument is accepted for the :class:`MetaLearner` contract and ignored).
-    """
-
-    def meta_loss(params: Params, task: Task) -> tuple[Tensor, Metrics]:
-        return score(params, task)
-
-    def evaluate(params: Params, task: Task, *, steps: int | None = None) -> tuple[Tensor, Metrics]:
-        with torch.no_grad():
-            loss, metrics = score(params, task)
-        return loss.detach(), metrics
-
-    meta_loss.__name__, evaluate.__name__ = f"{name}_meta_loss", f"{name}_evaluate"
-    for fn in (meta_loss, evaluate):
-        attach_metric_checks(fn, caller=name, encoder=encoder, ways=ways, encoder_params=encoder_params)
-    return meta_loss, evaluate
 
 
 def protonet(encoder: ModelFn, *, ways: int | None = None) -> MetaLearner:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .._types import ModelFn, Params, Selector
-from .._validation import check_positive, check_steps
-from ..inner import first_order as first_order_transform
-from ..inner import inner_loop
-from ._base import LossSpec, MetaLearner, build_learner, check_model, resolve_loss
+from metafunc._shared import check_positive, check_steps
+from metafunc.algorithms._learner import LossSpec, MetaLearner, build_learner, check_model, resolve_loss
+from metafunc.core.inner import first_order as first_order_transform
+from metafunc.core.inner import inner_loop
+from metafunc.core.types import ModelFn, Params, Selector
 
 __all__ = ["reptile"]
 

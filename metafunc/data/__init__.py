@@ -8,8 +8,8 @@ Example:
     torch.Size([2, 6, 1, 8, 8])
 """
 
-from .episodes import EpisodeSampler
-from .omniglot import (
+from metafunc.data.episodes import EpisodeSampler
+from metafunc.data.omniglot import (
     DEFAULT_TEST_ALPHABETS,
     OMNIGLOT_MD5,
     OMNIGLOT_URL,

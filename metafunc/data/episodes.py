@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._types import Task
-from .._validation import check_steps
+from metafunc._shared import check_steps
+from metafunc.core.types import Task
 
 __all__ = ["EpisodeSampler"]
 

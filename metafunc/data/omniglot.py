@@ -33,8 +33,8 @@ from typing import Literal, NamedTuple, Sequence
 import torch
 from torch import Tensor
 
-from ..checkpoint import save_atomic
-from .episodes import EpisodeSampler
+from metafunc._shared import save_atomic
+from metafunc.data.episodes import EpisodeSampler
 
 __all__ = [
     "Omniglot",

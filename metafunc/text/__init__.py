@@ -7,8 +7,15 @@ Example:
     >>> from metafunc.text import load_clinc150, minilm_encoder, tokenize  # doctest: +SKIP
 """
 
-from .clinc import DEFAULT_TEST_DOMAINS, SPLITS, Clinc150, clinc_domain_split, clinc_samplers, load_clinc150
-from .minilm import MINILM_DIM, MiniLM, SentenceEncoder, embed_texts, load_minilm, minilm_encoder, tokenize
+from metafunc.text.clinc import (
+    DEFAULT_TEST_DOMAINS,
+    SPLITS,
+    Clinc150,
+    clinc_domain_split,
+    clinc_samplers,
+    load_clinc150,
+)
+from metafunc.text.minilm import MINILM_DIM, MiniLM, SentenceEncoder, embed_texts, load_minilm, minilm_encoder, tokenize
 
 __all__ = [
     "Clinc150", "load_clinc150", "clinc_domain_split", "clinc_samplers", "DEFAULT_TEST_DOMAINS", "SPLITS",

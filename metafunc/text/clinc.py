@@ -10,7 +10,7 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 from torch import Tensor
 
-from ..data import EpisodeSampler
+from metafunc.data import EpisodeSampler
 
 __all__ = ["Clinc150", "load_clinc150", "clinc_domain_split", "clinc_samplers", "DEFAULT_TEST_DOMAINS", "SPLITS"]
 

@@ -21,18 +21,19 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from ..algorithms import fo_proto_maml, proto_maml, protonet
-from ..batching import meta_batch
-from ..checkpoint import save_checkpoint
-from ..evaluation import evaluate_episodes
-from ..functional import functionalize
-from .clinc import DEFAULT_TEST_DOMAINS, clinc_samplers
-from .minilm import MiniLM, SentenceEncoder, embed_texts, load_minilm, tokenize
+from metafunc.core.functional import functionalize
+from metafunc.registry import LEARNERS
+from metafunc.step import apply_grads, meta_value_and_grad
+from metafunc.text.clinc import DEFAULT_TEST_DOMAINS, clinc_samplers
+from metafunc.text.minilm import MiniLM, SentenceEncoder, embed_texts, load_minilm, tokenize
+from metafunc.train.checkpoint import save_checkpoint
+from metafunc.train.evaluation import evaluate_episodes
 
 __all__ = ["main", "ALGORITHMS", "cached_encoder"]
 
-ALGORITHMS = ("protonet_frozen", "protonet", "proto_maml", "fo_proto_maml")
-"""``protonet_frozen``: ProtoNet on the frozen MiniLM embeddings, nothing trained."""
+ALGORITHMS = ("protonet_frozen", *(n for n, spec in LEARNERS.items() if not spec.needs_head))
+"""``protonet_frozen``: ProtoNet on the frozen MiniLM embeddings, nothing trained; then every registered learner of
+an encoder (no output layer), read from :data:`metafunc.LEARNERS`."""
 
 
 def cached_encoder(cache: Path, *, max_length: int = 32,
@@ -126,13 +127,11 @@ def _learner(args: argparse.Namespace, model: Any):
     if args.features == "tokens" and args.train_prefix:
         prefixes = tuple(args.train_prefix)
         adapt = lambda name: name.startswith(prefixes)  # noqa: E731
-    if args.algorithm in ("protonet", "protonet_frozen"):
-        return protonet(model, ways=args.ways)
-    if args.algorithm == "proto_maml":
-        return proto_maml(model, inner_lr=args.inner_lr, head_lr=args.head_lr, steps=args.inner_steps,
-                          ways=args.ways, adapt=adapt)
-    return fo_proto_maml(model, inner_lr=args.inner_lr, head_lr=args.head_lr, steps=args.inner_steps, ways=args.ways,
-                         two_pass=args.two_pass, adapt=adapt)
+    name = "protonet" if args.algorithm == "protonet_frozen" else args.algorithm
+    spec = LEARNERS[name]
+    options = {"head_lr": args.head_lr, "adapt": adapt, "two_pass": args.two_pass}
+    return spec.build(model, inner_lr=args.inner_lr, steps=args.inner_steps, ways=args.ways,
+                      **{k: v for k, v in options.items() if spec.accepts(k)})
 
 
 def _plot(records: list[dict[str, float]], path: Path, title: str) -> None:
@@ -191,12 +190,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.algorithm != "protonet_frozen":
         opt = torch.optim.Adam([params[k] for k in trainable], lr=args.outer_lr)
         generator = torch.Generator().manual_seed(args.seed)
-        step_fn = meta_batch(learner.meta_loss, mode=args.mode)
+        step_fn = meta_value_and_grad(learner, mode=args.mode)
         bar = tqdm(range(args.iterations), desc=f"{args.algorithm} {args.ways}w{args.shots}s")
         for it in bar:
-            loss, metrics = step_fn(params, samplers["train"].sample(args.meta_batch, generator))
-            opt.zero_grad()
-            loss.backward()
+            loss, metrics, grads = step_fn(params, samplers["train"].sample(args.meta_batch, generator))
+            apply_grads(params, grads)
             opt.step()
             records.append({"iteration": it, "loss": float(loss), "accuracy": float(metrics["accuracy"])})
             bar.set_postfix(loss=f"{float(loss):.3f}", acc=f"{float(metrics['accuracy']):.3f}")

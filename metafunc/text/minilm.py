@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..norm import LayerNorm
+from metafunc.nn.norm import LayerNorm
 
 __all__ = ["MiniLM", "SentenceEncoder", "load_minilm", "minilm_encoder", "tokenize", "embed_texts", "MINILM_DIM"]
 

@@ -1,0 +1,95 @@
+"""The one private module of helpers that several subpackages share: eager checks of user input (errors name the
+caller, the argument and the fix), whether a ``torch.func`` transform is running, and atomic file writes."""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["check_positive", "check_steps", "check_nonnegative", "check_choice", "under_func_transform", "save_atomic", "atomic_write_text"]
+
+
+def under_func_transform() -> bool:
+    """Whether a ``torch.func`` transform (``grad``, ``vmap``, ``jacrev``, ...) is running around this call (also
+    True on a torch without the functorch interpreter stack, where the ``torch.func`` code path is the safe one)."""
+    peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)
+    return peek is None or peek() is not None
+
+
+def save_atomic(obj: object, path: str | os.PathLike) -> Path:
+    """``torch.save`` into a temp file in the same folder, fsync, then ``os.replace``: a crash never leaves a
+    half-written file at ``path`` (the previous file, if any, stays intact)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to a temp file beside ``path``, fsync, then ``os.replace`` (readers see the old or the new
+    file, never half of one)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def check_positive(caller: str, name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{caller}: {name} must be a number (got {type(value).__name__} {value!r})")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{caller}: {name} must be > 0 (got {value})")
+    return float(value)
+
+
+def check_nonnegative(caller: str, name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{caller}: {name} must be a number (got {type(value).__name__} {value!r})")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{caller}: {name} must be >= 0 (got {value})")
+    return float(value)
+
+
+def check_steps(caller: str, name: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{caller}: {name} must be an int (got {type(value).__name__} {value!r})")
+    if value < minimum:
+        raise ValueError(f"{caller}: {name} must be >= {minimum} (got {value})")
+    return value
+
+
+def check_choice(caller: str, name: str, value: Any, choices: tuple) -> Any:
+    if value not in choices:
+        raise ValueError(f"{caller}: {name} must be one of {', '.join(map(repr, choices))} (got {value!r})")
+    return value
+
+

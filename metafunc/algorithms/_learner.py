@@ -1,0 +1,229 @@
+"""What every algorithm shares: the :class:`MetaLearner` contract, task losses and eager checks."""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, NamedTuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from metafunc._shared import check_steps
+from metafunc.core.functional import check_params, thread_safe
+from metafunc.core.task_function import TaskFunction, Validator
+from metafunc.core.types import AdaptFn, LossFn, Metrics, ModelFn, Params, PerTaskFn, Task, check_labels, check_task
+
+__all__ = ["MetaLearner", "resolve_loss", "check_model", "task_metrics", "learner_checks", "build_learner", "LossSpec",
+           "with_steps"]
+
+LossSpec = Union[str, LossFn]
+
+
+class MetaLearner(NamedTuple):
+    """An algorithm as a bundle of pure functions (no state lives here).
+
+    * ``init(model_params) -> meta_params``: the tree the outer optimizer updates (Meta-SGD adds learning rates).
+    * ``adapt(meta_params, x, y, *, steps=None) -> (task_params, support_losses)``: the inner loop of one task.
+    * ``meta_loss(meta_params, task) -> (loss, metrics)``: one task's objective; its gradient is the meta-gradient.
+      Batch it with :func:`metafunc.meta_batch`.
+    * ``evaluate(meta_params, task, *, steps=None) -> (query_loss, metrics)``: adapt then score the query set.
+    * ``predict(task_params, x)``: the model's output with adapted parameters.
+
+    ``meta_loss`` and ``evaluate`` are :class:`metafunc.TaskFunction` objects: they carry the learner's eager checks
+    (``learner.validate``) and whether its tasks may run on threads (``learner.thread_safe()``), which
+    :func:`metafunc.meta_batch` and every meta-step find through the learner (``meta_batch(learner)``) or through
+    ``learner.meta_loss``.
+
+    Example:
+        >>> from metafunc import functionalize, maml, meta_batch
+        >>> model, params = functionalize(torch.nn.Linear(1, 1))
+        >>> learner = maml(model, inner_lr=0.01, loss="mse")
+        >>> meta_params = learner.init(params)
+    """
+
+    name: str
+    init: Callable[[Params], Params]
+    adapt: AdaptFn
+    meta_loss: PerTaskFn
+    evaluate: Callable[..., tuple[Tensor, Metrics]]
+    predict: Callable[[Params, Tensor], Tensor]
+    second_order: bool
+    model: ModelFn
+
+    @property
+    def validate(self) -> Validator | None:
+        """The eager checks ``validate(params, tasks, vmapped=True, batched=True)`` of this learner's tasks."""
+        return self.meta_loss.validate if isinstance(self.meta_loss, TaskFunction) else None
+
+    def thread_safe(self) -> bool:
+        """Whether this learner's tasks may run on several threads at once (no dropout, no attention)."""
+        return isinstance(self.meta_loss, TaskFunction) and self.meta_loss.thread_safe()
+
+
+def _mse(prediction: Tensor, target: Tensor) -> Tensor:
+    return F.mse_loss(prediction, target)
+
+
+def _cross_entropy(prediction: Tensor, target: Tensor) -> Tensor:
+    return F.cross_entropy(prediction, target)
+
+
+_LOSSES: dict[str, LossFn] = {"mse": _mse, "cross_entropy": _cross_entropy}
+
+
+def resolve_loss(loss: LossSpec, caller: str) -> tuple[LossFn, bool]:
+    """``(loss_fn, is_classification)`` for ``"mse"``, ``"cross_entropy"`` or a callable ``loss(pred, target)``."""
+    if isinstance(loss, str):
+        if loss not in _LOSSES:
+            raise ValueError(f"{caller}: loss must be 'cross_entropy', 'mse' or a callable (got {loss!r})")
+        return _LOSSES[loss], loss == "cross_entropy"
+    if callable(loss):
+        return loss, False
+    raise TypeError(f"{caller}: loss must be 'cross_entropy', 'mse' or a callable (got {type(loss).__name__})")
+
+
+def check_model(model: object, caller: str) -> None:
+    if isinstance(model, nn.Module):
+        raise TypeError(
+            f"{caller}: model must be a pure function model(params, x), not an nn.Module; "
+            "use model, params = metafunc.functionalize(module)"
+        )
+    if not callable(model):
+        raise TypeError(f"{caller}: model must be callable as model(params, x) (got {type(model).__name__})")
+
+
+def task_metrics(prediction: Tensor, target: Tensor, loss: Tensor, classification: bool) -> Metrics:
+    metrics = {"loss": loss.detach()}
+    if classification:
+        metrics["accuracy"] = (prediction.detach().argmax(-1) == target).to(prediction.dtype).mean()
+    return metrics
+
+
+def learner_checks(
+    *,
+    caller: str,
+    model: ModelFn,
+    classification: bool,
+    second_order: bool,
+    model_params: Callable[[Params], Params] = lambda p: p,
+) -> Validator:
+    """The eager ``validate(params, tasks, vmapped, batched)`` of a model-based learner, which
+    :func:`metafunc.meta_batch` and the meta-steps run before any transform.
+
+    It checks parameter names, label ranges (the model's number of outputs is measured once per input shape), and
+    refuses torch norm layers under vmap at second order, whose gradients torch 2.13 computes wrongly.
+    """
+    out_features: dict[tuple, int] = {}
+
+    def validate(params: Params, tasks: Task, vmapped: bool = True, batched: bool = True) -> None:
+        check_params(params, model, caller=caller)
+        tasks = check_task(tasks, caller=caller, batched=batched)
+        module = getattr(model, "module", None)
+        if isinstance(module, nn.Module):
+            tracking = [f"{name or '<root>'} ({type(m).__name__})" for name, m in module.named_modules()
+                        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.training]
+            if tracking:
+                raise ValueError(
+                    f"{caller}: the model has torch BatchNorm layers {tracking} in training mode that update running "
+                    "statistics in place, which torch.func transforms cannot do; convert them with "
+                    "metafunc.convert_norm_layers(module) before functionalize (or build them with "
+                    "track_running_stats=False)"
+                )
+        torch_norms = getattr(model, "torch_norm_layers", [])
+        if vmapped and second_order and torch_norms:
+            raise ValueError(
+                f"{caller}: the model has torch norm layers {torch_norms} whose second-order gradients are wrong "
+                f"under vmap on torch {torch.__version__.split('+')[0]}; convert them with "
+                "metafunc.convert_norm_layers(module) before functionalize (or use first_order=True, or "
+                "meta_batch(..., mode='loop'))"
+            )
+        if classification:
+            x = tasks.query_x[0] if batched else tasks.query_x
+            key = (tuple(x.shape[1:]), x.dtype, x.device)
+            if key not in out_features:
+                with torch.no_grad():
+                    out = model(model_params(params), x[:2])
+                if out.dim() != 2:
+                    raise ValueError(
+                        f"{caller}: loss='cross_entropy' needs model outputs of shape (examples, classes) "
+                        f"(got {tuple(out.shape)})"
+                    )
+                out_features[key] = int(out.shape[-1])
+            check_labels(caller, tasks, out_features[key])
+
+    return validate
+
+
+def build_learner(
+    *,
+    name: str,
+    model: ModelFn,
+    adapt: AdaptFn,
+    loss_fn: LossFn,
+    classification: bool,
+    second_order: bool,
+    init: Callable[[Params], Params] = lambda p: dict(p),
+    split: Callable[[Params], tuple[Params, dict]] = lambda p: (p, {}),
+    outer_objective: Callable[[Params, Params, Tensor], Tensor] | None = None,
+) -> MetaLearner:
+    """Assemble a :class:`MetaLearner` from an adaptation, a loss and how meta-parameters split: the one place where
+    a model-based learner's ``meta_loss``/``evaluate`` and their checks are made (algorithms and gradient paths alike).
+
+    ``split(meta_params) -> (model_params, adapt_kwargs)`` separates the model's weights from meta-parameters that
+    the inner loop takes as keyword arguments (Meta-SGD's learning rates). ``outer_objective(model_params,
+    task_params, query_loss)`` replaces the query loss as the differentiated objective (Reptile); metrics always
+    report the query loss.
+    """
+
+    def adapt_task(params: Params, x: Tensor, y: Tensor, *, steps: int | None = None) -> tuple[Params, Tensor]:
+        if steps is not None:
+            check_steps(name, "steps", steps, minimum=0)
+        model_params, kwargs = split(params)
+        return adapt(model_params, x, y, steps=steps, **kwargs)
+
+    def score(params: Params, task: Task, steps: int | None) -> tuple[Tensor, Metrics, Params, Params]:
+        model_params, _ = split(params)
+        task_params, support_losses = adapt_task(params, task.support_x, task.support_y, steps=steps)
+        prediction = model(task_params, task.query_x)
+        loss = loss_fn(prediction, task.query_y)
+        metrics = task_metrics(prediction, task.query_y, loss, classification)
+        if support_losses.numel():
+            metrics["support_loss"] = support_losses[0]
+        else:  # steps=0: no inner step was taken, score the support set at the initial parameters
+            metrics["support_loss"] = loss_fn(model(task_params, task.support_x), task.support_y).detach()
+        return loss, metrics, model_params, task_params
+
+    def meta_loss(params: Params, task: Task) -> tuple[Tensor, Metrics]:
+        loss, metrics, model_params, task_params = score(params, task, None)
+        if outer_objective is not None:
+            loss = outer_objective(model_params, task_params, loss)
+        return loss, metrics
+
+    def evaluate(params: Params, task: Task, *, steps: int | None = None) -> tuple[Tensor, Metrics]:
+        loss, metrics, _, _ = score(params, task, steps)
+        return loss.detach(), metrics
+
+    validate = learner_checks(caller=name, model=model, classification=classification, second_order=second_order,
+                              model_params=lambda p: split(p)[0])
+    safe = functools.partial(thread_safe, model)
+    return MetaLearner(name=name, init=init, adapt=adapt_task,
+                       meta_loss=TaskFunction(meta_loss, validate=validate, thread_safe=safe, name=f"{name}_meta_loss"),
+                       evaluate=TaskFunction(evaluate, validate=validate, thread_safe=safe, name=f"{name}_evaluate"),
+                       predict=lambda p, x: model(split(p)[0], x), second_order=second_order, model=model)
+
+
+def with_steps(fn: Callable[..., tuple[Tensor, Metrics]], steps: int) -> Callable[[Params, Task], tuple[Tensor, Metrics]]:
+    """``fn`` with ``steps=`` bound, keeping its eager checks (for ``meta_batch(with_steps(learner.evaluate, 3))``).
+
+    Example:
+        >>> from metafunc import functionalize, maml, meta_batch, sinusoid_tasks
+        >>> model, params = functionalize(torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1)))
+        >>> learner = maml(model, inner_lr=0.01, steps=1, loss="mse")
+        >>> tasks = sinusoid_tasks(4, shots=5, generator=torch.Generator().manual_seed(0))
+        >>> after_10_steps, metrics = meta_batch(with_steps(learner.evaluate, 10))(params, tasks)
+    """
+    check_steps("with_steps", "steps", steps, minimum=0)
+    if isinstance(fn, TaskFunction):
+        return fn.bind(steps=steps)
+    return functools.wraps(fn)(functools.partial(fn, steps=steps))

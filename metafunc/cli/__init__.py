@@ -1,0 +1,140 @@
+"""The ``metafunc`` command: ``train``, ``evaluate`` and ``bench``.
+
+``metafunc train`` with no arguments meta-trains MAML on sinusoid regression (the MAML paper's setting), compares it
+with a baseline pretrained on all tasks jointly, prints a table and saves the figures. ``metafunc train --dataset
+omniglot --data-root DIR`` trains a few-shot classifier; ``--algorithm`` takes any learner of
+:data:`metafunc.LEARNERS`, whose options are flags. ``metafunc evaluate OUT/checkpoint.pt`` reports the test accuracy
+over 600 episodes with its 95% confidence interval. The commands live in :mod:`metafunc.cli.train`,
+:mod:`metafunc.cli.evaluate` and :mod:`metafunc.cli.bench`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from metafunc.cli.options import add_learner_option_flags, load_config_file, train_config_from_args
+from metafunc.registry import LEARNERS
+
+__all__ = ["main", "build_parser", "load_config_file", "train_config_from_args"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``metafunc`` command (subcommands ``train``, ``evaluate``, ``bench``).
+
+    Example:
+        >>> args = build_parser().parse_args(["train", "--algorithm", "fomaml", "--shots", "5"])
+        >>> args.algorithm, args.shots
+        ('fomaml', 5)
+    """
+    from metafunc.train.config import DATASETS
+
+    parser = argparse.ArgumentParser(prog="metafunc", description="Meta-learning on torch.func.")
+    sub = parser.add_subparsers(dest="command", metavar="{train,evaluate,bench}")
+    sub.required = True
+
+    t = sub.add_parser("train", help="meta-train (no arguments: MAML on sinusoid regression vs a pretrained baseline)",
+                       description="Meta-train a learner. Settings come from the dataset defaults, then --config, "
+                                   "then the flags given here.")
+    t.add_argument("--config", help="JSON or TOML file of settings (flags given here override it)")
+    t.add_argument("--algorithm", choices=list(LEARNERS), metavar="{" + ",".join(LEARNERS) + "}",
+                   help="the learner, from metafunc.LEARNERS (default maml): " +
+                        "; ".join(f"{n}: {s.description}" for n, s in LEARNERS.items()))
+    t.add_argument("--dataset", choices=DATASETS, help="sinusoid (default), omniglot, or synthetic (smoke tests)")
+    t.add_argument("--data-root", help="folder with the Omniglot zips (default $METAFUNC_DATA/omniglot)")
+    t.add_argument("--ways", type=int, help="classes per task (omniglot default 5)")
+    t.add_argument("--shots", type=int, help="support examples per class (sinusoid: support points K, default 10)")
+    t.add_argument("--queries", type=int, help="query examples per class (omniglot default 15)")
+    t.add_argument("--meta-batch", type=int, help="tasks per meta-step (sinusoid 25, omniglot 32)")
+    t.add_argument("--inner-steps", type=int, help="inner SGD steps in training (default 1)")
+    t.add_argument("--eval-inner-steps", type=int, help="inner steps at validation (sinusoid 10, omniglot 3)")
+    t.add_argument("--inner-lr", type=float, help="inner learning rate (sinusoid 0.01, omniglot 0.4)")
+    t.add_argument("--outer-lr", type=float, help="Adam learning rate of the meta-update (default 1e-3)")
+    t.add_argument("--iterations", "--steps", dest="iterations", type=int,
+                   help="meta-iterations (sinusoid 4000, omniglot 2000)")
+    t.add_argument("--val-every", type=int, help="validate every N iterations (0: only at the end)")
+    t.add_argument("--val-episodes", type=int, help="validation episodes (default 100)")
+    t.add_argument("--checkpoint-every", type=int, help="write OUT/checkpoint.pt every N iterations (and at the end)")
+    t.add_argument("--width", type=int, help="filters of the Conv-4 (default 64)")
+    t.add_argument("--mode", choices=("auto", "vmap", "loop"),
+                   help="meta-batch over tasks: vmap (sinusoid default), loop, or auto (loop on CPU, vmap on GPU; "
+                        "the classification default)")
+    t.add_argument("--chunk-size", type=int, help="vmap this many tasks at a time (memory)")
+    t.add_argument("--threads", type=int, help="torch CPU threads (sinusoid default 1: tiny matrices)")
+    t.add_argument("--device", help="cpu (default), cuda, cuda:1, ...")
+    t.add_argument("--seed", type=int, help="seed of the initial weights and of the task stream (default 0)")
+    t.add_argument("--out", help="output folder (default runs/DATASET_ALGORITHM)")
+    t.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
+                   help="continue from OUT/checkpoint.pt (or CHECKPOINT) exactly where it stopped")
+    t.add_argument("--eval-episodes", type=int, default=600, help="held-out tasks of the sinusoid comparison")
+    t.add_argument("--no-baseline", action="store_true", help="sinusoid: skip the pretrained baseline comparison")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--dist-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="under torchrun: a rank that dies or hangs stops the others within this many seconds "
+                        "(default 300)")
+    t.add_argument("--dist-backend", choices=("auto", "gloo", "nccl"), default="auto",
+                   help="under torchrun: auto (default) picks NCCL for a CUDA --device and gloo otherwise")
+    add_learner_option_flags(t)
+
+    e = sub.add_parser("evaluate", help="test accuracy (or MSE) of a checkpoint over many episodes, with 95% CI",
+                       description="Evaluate a checkpoint on test episodes: mean and 95% CI = 1.96*std/sqrt(n).")
+    e.add_argument("checkpoint", help="a checkpoint written by metafunc train (OUT/checkpoint.pt)")
+    e.add_argument("--episodes", type=int, default=600, help="test episodes (default 600)")
+    e.add_argument("--ways", type=int, help="classes per task (default: as trained)")
+    e.add_argument("--shots", type=int, help="support examples per class (default: as trained)")
+    e.add_argument("--queries", type=int, help="query examples per class (default: as trained)")
+    e.add_argument("--inner-steps", type=int, help="test-time inner steps (default: the run's eval_inner_steps)")
+    e.add_argument("--split", choices=("test", "val"), default="test", help="which split to draw episodes from")
+    e.add_argument("--data-root", help="folder with the Omniglot zips (default: as trained)")
+    e.add_argument("--device", help="device (default: as trained)")
+    e.add_argument("--seed", type=int, default=0, help="seed of the test episodes (default 0)")
+    e.add_argument("--meta-batch", type=int, default=25, help="episodes evaluated at once (default 25)")
+    e.add_argument("--json", help="also write the result to this JSON file")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    sub.add_parser("bench", help="benchmarks (metafunc.bench), arguments passed through", add_help=False)
+    return parser
+
+
+def _cmd_bench(argv: list[str]) -> int:
+    try:
+        from metafunc.cli.bench import main as bench_main
+    except ImportError as e:
+        print(f"metafunc bench: the benchmark module metafunc.cli.bench is not available ({e}); install metafunc from a "
+              "full checkout, or run the benchmarks with `python -m pytest benchmarks/`", file=sys.stderr)
+        return 2
+    return int(bench_main(argv) or 0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``metafunc`` command with ``argv`` (default ``sys.argv[1:]``) and return the exit status.
+
+    Errors in the settings (a bad value, a missing data folder, a file that is not a checkpoint) are printed as
+    ``metafunc COMMAND: error: ...`` with exit status 2.
+
+    Example:
+        >>> main(["train", "--dataset", "synthetic", "--iterations", "2", "--out", "/tmp/mf", "--no-progress"])  # doctest: +SKIP
+        0
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "bench":
+        return _cmd_bench(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "train":
+            from metafunc.cli.train import run_train
+            return run_train(args)
+        from metafunc.cli.evaluate import run_evaluate
+        return run_evaluate(args)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        msg = str(e)
+        if msg.startswith(f"metafunc {args.command}: "):
+            msg = msg[len(f"metafunc {args.command}: "):]
+        print(f"metafunc {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,33 @@
+"""Gradient paths: ways to compute (or approximate) the meta-gradient of a long inner loop.
+
+Every path is a factory returning a :class:`metafunc.MetaLearner`, so :func:`metafunc.meta_batch`, the meta-steps,
+the contract suite and the trainer use them unchanged. Each is registered in :mod:`metafunc.registry` under its
+learner name with the path it implements; :func:`metafunc.gradient_path` builds one by path name:
+
+========================  =============================================================  ======================
+path (learner)            meta-gradient                                                  memory in ``steps``
+========================  =============================================================  ======================
+``"exact"`` (maml)        MAML, differentiated through the unrolled inner loop           grows (every step's graph)
+``"first_order"``         ``grad L_q(phi_k)`` (fomaml)                                   constant
+``"checkpointed"``        exact MAML, recomputed from checkpoints, VJP step by step       ``O(sqrt(k))`` parameter copies
+``"one_step"``            ``(I - a H_s(theta)) grad L_q(phi_k)`` (lazy, ICCV 2021)         constant
+``"implicit"`` (imaml)    iMAML: ``(I + H_s(phi)/lam)^-1 grad L_q(phi)`` by CG              constant
+========================  =============================================================  ======================
+"""
+
+from metafunc.gradients.checkpointed import checkpoint_positions, checkpointed_maml, default_checkpoints
+from metafunc.gradients.implicit import INNER_SOLVERS, imaml, proximal_inner_loop
+from metafunc.gradients.one_step import one_step, one_step_adapt
+from metafunc.gradients.solvers import conjugate_gradient
+
+__all__ = [
+    "checkpointed_maml",
+    "checkpoint_positions",
+    "default_checkpoints",
+    "imaml",
+    "conjugate_gradient",
+    "proximal_inner_loop",
+    "INNER_SOLVERS",
+    "one_step",
+    "one_step_adapt",
+]

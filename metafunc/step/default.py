@@ -1,0 +1,243 @@
+"""The fastest meta-step: the meta-gradient of a meta-batch, task by task (or chunk by chunk), in bounded memory.
+
+``meta_batch(per_task)(params, tasks)[0].backward()`` keeps the graph of every task of the meta-batch alive until the
+single backward pass, so its peak memory grows with the number of tasks. :func:`meta_value_and_grad` differentiates
+each task (``mode="loop"``) or each chunk of tasks (``mode="vmap"``) as soon as it has run and adds the gradients up:
+the same meta-gradient (up to the order of a floating-point sum) in the same time, with the peak memory of one task
+or one chunk. ``mode="auto"`` picks the loop on a CPU and chunked ``vmap`` on a GPU (see
+:func:`metafunc.core.batching.resolve_mode`).
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, Literal
+
+import torch
+from torch import Tensor
+
+from metafunc._shared import check_steps, under_func_transform
+from metafunc.core.batching import check_batching_options, checked_tasks, meta_batch, resolve_mode, task_memory_estimate
+from metafunc.core.task_function import checks_of, per_task_function
+from metafunc.core.types import Metrics, Params, PerTaskFn, Task
+
+__all__ = ["meta_value_and_grad", "resolve_workers", "AUTO_CPU_WORKERS", "AUTO_CPU_MEMORY_FRACTION"]
+
+AUTO_CPU_WORKERS = 2
+"""Under ``workers=None`` on a CPU, at most this many tasks run at once (one per thread, each with its share of
+``torch.get_num_threads()``), and never more than ``torch.get_num_threads()``. On the 2-core CPU of
+``benchmarks/RESULTS.md`` two tasks at a time on one core each beat one task at a time on both cores for every
+Conv-4 width measured (see there); each task in flight holds its own activations, so the peak memory is that of
+this many tasks."""
+
+AUTO_CPU_MEMORY_FRACTION = 0.25
+"""Under ``workers=None``, the tasks in flight may use about this fraction of the available memory (``MemAvailable``
+in ``/proc/meminfo``), by :func:`metafunc.core.batching.task_memory_estimate`; fewer run at once when they would not."""
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:  # pragma: no cover - not Linux
+        return None
+    return None  # pragma: no cover
+
+
+_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+_WORKER = threading.local()  # ``active`` is set in the pool's threads: a meta-step inside a task runs its tasks inline
+
+
+def _pool(workers: int, threads: int) -> ThreadPoolExecutor:
+    """A pool of ``workers`` threads, each running torch's kernels on ``threads`` intra-op threads of its own.
+
+    torch keeps the OpenMP thread count per thread (``torch.set_num_threads`` sets the calling thread's count and a
+    process-wide default that new threads copy on their first parallel kernel). Each pool thread sets up its count
+    from the default, then sets its own; once every pool thread has done so, the caller's default is put back, so
+    nothing outside the pool changes. Without this, two tasks at a time would each fork a team of all the intra-op
+    threads: on 2 cores, 4 spinning threads made small models 2x slower than one task at a time."""
+    key = (workers, threads)
+    with _POOLS_LOCK:
+        if key not in _POOLS:
+            previous = torch.get_num_threads()
+
+            def own_thread_count() -> None:
+                torch.get_num_threads()  # this thread's first call copies the process-wide default
+                torch.set_num_threads(threads)
+                _WORKER.active = True
+
+            pool = ThreadPoolExecutor(workers, thread_name_prefix="metafunc-task", initializer=own_thread_count)
+            started = threading.Barrier(workers)
+            list(pool.map(lambda _: started.wait(timeout=60), range(workers)))  # start every thread now
+            torch.set_num_threads(previous)
+            _POOLS[key] = pool
+        return _POOLS[key]
+
+
+def _autocast_on() -> bool:
+    try:
+        return any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda"))
+    except TypeError:  # pragma: no cover - torch < 2.4 has no device argument
+        return torch.is_autocast_enabled()
+
+
+def resolve_workers(per_task: Callable, tasks: Task, *, mode: str, workers: int | None,
+                    params: Params | None = None) -> int:
+    """How many tasks :func:`meta_value_and_grad` runs at once (each on its own thread) for these tasks.
+
+    One, unless the meta-batch runs as a loop (``mode`` as resolved by :func:`metafunc.core.batching.resolve_mode`) on a
+    CPU, outside any ``torch.func`` transform and autocast region and outside a task that is itself on a worker
+    thread. Then ``workers`` is used as given (at most one per
+    task), and ``workers=None`` picks ``min(tasks, AUTO_CPU_WORKERS, torch.get_num_threads())`` when ``per_task``
+    says it is safe to call from several threads (a metafunc learner's function over a model from
+    :func:`metafunc.functionalize` without dropout or attention, see :func:`metafunc.core.functional.thread_safe`), and 1
+    for any other callable; fewer when that many tasks would not fit in ``AUTO_CPU_MEMORY_FRACTION`` of the available
+    memory.
+
+    Example:
+        >>> from metafunc import Task
+        >>> tasks = Task(torch.randn(8, 5, 1), torch.randn(8, 5, 1), torch.randn(8, 5, 1), torch.randn(8, 5, 1))
+        >>> resolve_workers(lambda p, t: t.query_x.sum(), tasks, mode="loop", workers=None)
+        1
+        >>> resolve_workers(lambda p, t: t.query_x.sum(), tasks, mode="loop", workers=4)
+        4
+    """
+    n = tasks.num_tasks
+    if mode != "loop" or n <= 1 or tasks.support_x.device.type != "cpu" or _autocast_on():
+        return 1
+    if under_func_transform() or getattr(_WORKER, "active", False):
+        return 1  # inside a transform, or inside a task already on a worker thread (waiting on the pool would hang)
+    if workers is not None:
+        return min(workers, n)
+    _, safe = checks_of(per_task)
+    if not safe():
+        return 1
+    count = max(1, min(n, AUTO_CPU_WORKERS, torch.get_num_threads()))
+    available = _available_memory()
+    if available is not None:
+        need = task_memory_estimate(params or {}, tasks)
+        while count > 1 and count * need > AUTO_CPU_MEMORY_FRACTION * available:
+            count -= 1
+    return count
+
+
+def meta_value_and_grad(
+    per_task: PerTaskFn | Callable[[Params, Task], Tensor] | Any,
+    *,
+    mode: Literal["auto", "vmap", "loop"] = "auto",
+    chunk_size: int | None = None,
+    workers: int | None = None,
+    validate: bool = True,
+) -> Callable[[Params, Task], tuple[Tensor, Metrics, Params]]:
+    """Build ``step(params, tasks) -> (loss, metrics, grads)``: the mean meta-loss over the tasks and its gradient.
+
+    ``grads`` holds the gradient of the mean of ``per_task`` over the meta-batch with respect to every parameter
+    that requires grad (the tensor ``meta_batch(per_task)(params, tasks)[0].backward()`` would put in ``.grad``).
+    Each task (``mode="loop"``) or chunk of ``chunk_size`` tasks (``mode="vmap"``) is differentiated as soon as it
+    has run, so the peak memory is that of one task or chunk instead of the whole meta-batch. ``mode="auto"`` (the
+    default) picks with :func:`metafunc.core.batching.resolve_mode`: a loop of plain ``torch.autograd`` steps on a CPU,
+    chunked ``vmap`` on a GPU. In a loop on a CPU, ``workers`` tasks run at once, each on its own thread with
+    ``torch.get_num_threads() // workers`` intra-op threads (:func:`resolve_workers`; ``None`` picks 2 for metafunc's
+    learners, 1 for other callables). The gradients are added up in task order, so a given setting gives the same
+    bits on every run; settings with different thread counts agree to floating-point rounding. ``loss`` and
+    ``metrics`` are detached. (There is no bf16 option: under bf16 autocast
+    the second-order Conv-4 meta-gradient was 25-47% off the float32 one, see ``benchmarks/RESULTS.md``.)
+
+    Example:
+        >>> from metafunc import functionalize, maml, models, sinusoid_tasks
+        >>> model, params = functionalize(models.mlp())
+        >>> learner = maml(model, inner_lr=0.01, steps=1, loss="mse")
+        >>> tasks = sinusoid_tasks(4, shots=5, generator=torch.Generator().manual_seed(0))
+        >>> loss, metrics, grads = meta_value_and_grad(learner.meta_loss)(params, tasks)
+        >>> for name, p in params.items():
+        ...     p.grad = grads[name]  # then optimizer.step()
+    """
+    per_task = per_task_function(per_task, "meta_value_and_grad")
+    check_batching_options("meta_value_and_grad", mode, chunk_size)
+    if workers is not None:
+        check_steps("meta_value_and_grad", "workers", workers)
+        if mode == "vmap" and workers > 1:
+            raise ValueError(f"meta_value_and_grad: workers={workers} runs tasks on threads, which needs mode='loop' "
+                             "or 'auto' (got mode='vmap'); drop workers or use mode='loop'")
+
+    def step(params: Params, tasks: Task) -> tuple[Tensor, Metrics, Params]:
+        if not isinstance(params, dict):
+            raise TypeError(f"meta_value_and_grad: params must be a dict of tensors (got {type(params).__name__})")
+        tasks = checked_tasks("meta_value_and_grad", per_task, params, tasks, mode=mode, validate=validate)
+        names = [k for k, v in params.items() if isinstance(v, Tensor) and v.requires_grad]
+        if not names:
+            raise ValueError("meta_value_and_grad: no parameter requires grad; pass leaves from functionalize(module) "
+                             "(or call .requires_grad_() on the ones to meta-learn)")
+        leaves = [params[k] for k in names]
+        run_mode, run_chunk = resolve_mode(params, tasks, mode=mode, chunk_size=chunk_size)
+        n = tasks.num_tasks
+        if n < 1:
+            raise ValueError("meta_value_and_grad: the meta-batch is empty (0 tasks); stack at least one task")
+        if run_mode == "loop":
+            bounds = [(i, i + 1) for i in range(n)]
+        else:
+            size = run_chunk or n
+            bounds = [(i, min(i + size, n)) for i in range(0, n, size)]
+        batched = meta_batch(per_task, mode="vmap", reduce="sum", validate=False)
+        grad_mode = torch.is_grad_enabled()
+
+        def differentiate(start: int, stop: int) -> tuple[tuple[Tensor | None, ...], Tensor, Metrics]:
+            with torch.set_grad_enabled(grad_mode):  # grad mode is per thread
+                if run_mode == "loop":
+                    out = per_task(params, tasks.task_at(start))
+                    loss, metrics = (out[0], out[1]) if isinstance(out, tuple) and len(out) == 2 else (out, {})
+                else:
+                    loss, metrics = batched(params, Task(*(t[start:stop] for t in tasks)))
+                found = torch.autograd.grad(loss / n, leaves, allow_unused=True)
+            return found, loss.detach(), {k: v.detach() for k, v in metrics.items()}
+
+        total: list[Tensor | None] = [None] * len(leaves)
+        loss_sum: Tensor | None = None
+        metric_sums: dict[str, Tensor] = {}
+        run_workers = resolve_workers(per_task, tasks, mode=run_mode, workers=workers, params=params)
+        for found, loss, metrics in _in_order(differentiate, bounds, run_workers):
+            total = [g if t is None else (t if g is None else t + g) for t, g in zip(total, found)]
+            loss_sum = loss if loss_sum is None else loss_sum + loss
+            for k, v in metrics.items():
+                metric_sums[k] = v if k not in metric_sums else metric_sums[k] + v
+        grads = {k: torch.zeros_like(p) if g is None else g for k, p, g in zip(names, leaves, total)}
+        return loss_sum / n, {k: v / n for k, v in metric_sums.items()}, grads  # type: ignore[operator]
+
+    step.__name__ = f"meta_value_and_grad_{getattr(per_task, '__name__', 'per_task')}"
+    return step
+
+
+def _in_order(fn: Callable[[int, int], Any], bounds: list[tuple[int, int]], workers: int):
+    """Yield ``fn(*b)`` for each ``b`` in order, computing up to ``workers`` of them at once on a thread pool.
+
+    At most ``workers`` results are in flight or waiting, so the peak memory is that of ``workers`` tasks; results
+    are consumed in order, so sums over them do not depend on which thread finished first."""
+    if workers <= 1:
+        for b in bounds:
+            yield fn(*b)
+        return
+    pool = _pool(workers, max(1, torch.get_num_threads() // workers))
+    pending: collections.deque[Future] = collections.deque()
+    upcoming = iter(bounds)
+    try:
+        for b in upcoming:
+            pending.append(pool.submit(fn, *b))
+            if len(pending) == workers:
+                break
+        while pending:
+            result = pending.popleft().result()
+            following = next(upcoming, None)
+            if following is not None:
+                pending.append(pool.submit(fn, *following))
+            yield result
+    finally:
+        for future in pending:  # an error or an abandoned generator: do not leave tasks running behind us
+            future.cancel()
+        for future in pending:
+            if not future.cancelled():
+                future.exception()

@@ -1,0 +1,37 @@
+"""The trainer behind ``metafunc train``: settings, the loop, checkpoints, evaluation, plots and the sinusoid
+baseline. Not imported by ``import metafunc``; import it as ``metafunc.train``.
+
+Example:
+    >>> import tempfile
+    >>> from metafunc.train import TrainConfig, train
+    >>> result = train(TrainConfig(dataset="synthetic", iterations=2, width=8, out=tempfile.mkdtemp()), progress=False)
+    >>> result.records[-1]["iteration"]
+    2
+"""
+
+from metafunc.data.sinusoid import SinusoidSource
+from metafunc.data.synthetic import GaussianClassification
+from metafunc.train.checkpoint import check_compatible, load_checkpoint, save_checkpoint
+from metafunc.train.config import DATASET_DEFAULTS, DATASETS, RESUME_KEYS, TrainConfig, resolve_config
+from metafunc.train.evaluation import BATCHNORM_PROTOCOL, EvalResult, TaskSource, evaluate_episodes
+from metafunc.train.experiment import Experiment, build_experiment, build_learner, learner_options
+from metafunc.train.loop import TrainResult, checkpoint_state, default_is_main, restore_checkpoint, train, trainer_step
+from metafunc.train.plots import plot_learning_curve, save_figure
+from metafunc.train.sinusoid_baseline import (
+    SINUSOID_EVAL_STEPS,
+    SinusoidComparison,
+    plot_sinusoid_adaptation,
+    pretrain_baseline,
+    sinusoid_comparison,
+)
+
+__all__ = [
+    "TrainConfig", "DATASETS", "DATASET_DEFAULTS", "RESUME_KEYS", "resolve_config",
+    "Experiment", "build_experiment", "build_learner", "learner_options",
+    "TrainResult", "train", "trainer_step", "default_is_main", "checkpoint_state", "restore_checkpoint",
+    "save_checkpoint", "load_checkpoint", "check_compatible",
+    "EvalResult", "TaskSource", "evaluate_episodes", "BATCHNORM_PROTOCOL",
+    "plot_learning_curve", "save_figure",
+    "SINUSOID_EVAL_STEPS", "SinusoidComparison", "pretrain_baseline", "sinusoid_comparison", "plot_sinusoid_adaptation",
+    "SinusoidSource", "GaussianClassification",
+]

@@ -1,0 +1,137 @@
+"""A run's settings: :class:`TrainConfig`, the dataset defaults and their validation."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import torch
+
+from metafunc._shared import check_choice, check_positive, check_steps
+from metafunc.registry import LEARNERS
+
+__all__ = ["TrainConfig", "DATASETS", "DATASET_DEFAULTS", "RESUME_KEYS", "resolve_config"]
+
+DATASETS = ("sinusoid", "omniglot", "synthetic")
+"""``sinusoid``: MAML regression; ``omniglot``: the official zips (``metafunc.data``); ``synthetic``: Gaussian
+clusters in feature space (a fast classification source for tests and smoke runs)."""
+
+DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
+    # The MAML paper's sinusoid setting: 40-40 ReLU MLP, K=10, alpha=0.01, 1 step, 25 tasks, Adam 1e-3.
+    "sinusoid": dict(shots=10, queries=10, meta_batch=25, inner_steps=1, eval_inner_steps=10, inner_lr=0.01,
+                     outer_lr=1e-3, iterations=4000, val_every=500, val_episodes=100, checkpoint_every=1000,
+                     threads=1, mode="vmap"),
+    # The MAML paper's Omniglot setting: meta-batch 32, alpha=0.4, 1 step in training and 3 at test, Adam 1e-3.
+    "omniglot": dict(ways=5, shots=1, queries=15, meta_batch=32, inner_steps=1, eval_inner_steps=3, inner_lr=0.4,
+                     outer_lr=1e-3, iterations=2000, val_every=200, val_episodes=100, checkpoint_every=200,
+                     mode="auto"),
+    "synthetic": dict(ways=5, shots=1, queries=5, meta_batch=8, inner_steps=1, eval_inner_steps=3, inner_lr=0.4,
+                      outer_lr=1e-3, iterations=200, val_every=50, val_episodes=40, checkpoint_every=50, width=16,
+                      mode="auto"),
+}
+
+RESUME_KEYS = ("algorithm", "dataset", "ways", "shots", "queries", "meta_batch", "inner_steps", "inner_lr",
+               "outer_lr", "seed", "width", "mode", "options")
+"""Settings that must be equal between a checkpoint and the run that resumes it (``iterations`` may grow)."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Every setting of a run; ``None`` fields take the dataset's defaults (:data:`DATASET_DEFAULTS`).
+
+    Example:
+        >>> cfg = resolve_config(TrainConfig(dataset="omniglot"))
+        >>> cfg.meta_batch, cfg.inner_lr, cfg.inner_steps, cfg.eval_inner_steps
+        (32, 0.4, 1, 3)
+    """
+
+    algorithm: str = "maml"
+    dataset: str = "sinusoid"
+    data_root: str | None = None
+    ways: int | None = None
+    shots: int | None = None
+    queries: int | None = None
+    meta_batch: int | None = None
+    inner_steps: int | None = None
+    eval_inner_steps: int | None = None
+    inner_lr: float | None = None
+    outer_lr: float | None = None
+    iterations: int | None = None
+    val_every: int | None = None
+    val_episodes: int | None = None
+    checkpoint_every: int | None = None
+    width: int | None = None
+    mode: str | None = None
+    chunk_size: int | None = None
+    threads: int | None = None
+    device: str = "cpu"
+    seed: int = 0
+    out: str | None = None
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """The learner's own options (``metafunc.LEARNERS[algorithm].options``: ``lam``, ``checkpoints``, ...)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able dict of the settings."""
+        return dataclasses.asdict(self)
+
+
+def resolve_config(config: TrainConfig) -> TrainConfig:
+    """Fill ``None`` fields with the dataset's defaults and validate every setting (errors name the flag).
+
+    Example:
+        >>> resolve_config(TrainConfig()).iterations
+        4000
+    """
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"train: config must be a TrainConfig (got {type(config).__name__})")
+    check_choice("train", "dataset", config.dataset, DATASETS)
+    if config.algorithm not in LEARNERS:
+        raise ValueError(f"train: unknown algorithm {config.algorithm!r}; choose one of {', '.join(LEARNERS)} "
+                         "(or add one with metafunc.register_learner)")
+    values = config.to_dict()
+    for k, v in DATASET_DEFAULTS[config.dataset].items():
+        if values.get(k) is None:
+            values[k] = v
+    if values["width"] is None:
+        values["width"] = 64
+    if values["ways"] is None:
+        values["ways"] = 1  # regression: one output
+    if values["queries"] is None:
+        values["queries"] = values["shots"]
+    if values["out"] is None:
+        values["out"] = os.path.join("runs", f"{config.dataset}_{config.algorithm}")
+    cfg = TrainConfig(**values)
+    for name in ("ways", "shots", "queries", "meta_batch", "inner_steps", "iterations", "val_episodes", "width"):
+        check_steps("train", name, getattr(cfg, name))
+    check_steps("train", "eval_inner_steps", cfg.eval_inner_steps, minimum=0)
+    for name in ("val_every", "checkpoint_every"):
+        check_steps("train", name, getattr(cfg, name), minimum=0)
+    for name in ("inner_lr", "outer_lr"):
+        check_positive("train", name, getattr(cfg, name))
+    check_choice("train", "mode", cfg.mode, ("auto", "vmap", "loop"))
+    if cfg.chunk_size is not None:
+        check_steps("train", "chunk_size", cfg.chunk_size)
+    if cfg.threads is not None:
+        check_steps("train", "threads", cfg.threads)
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
+        raise TypeError(f"train: seed must be an int (got {cfg.seed!r})")
+    if cfg.dataset != "sinusoid" and cfg.ways < 2:
+        raise ValueError(f"train: ways must be >= 2 for classification (got {cfg.ways})")
+    if cfg.dataset == "sinusoid" and not LEARNERS[cfg.algorithm].needs_head:
+        raise ValueError(f"train: algorithm {cfg.algorithm!r} is a few-shot classifier; use it with --dataset "
+                         "omniglot (or synthetic), not sinusoid regression")
+    if not isinstance(cfg.options, dict):
+        raise TypeError(f"train: options must be a dict of the learner's options (got {type(cfg.options).__name__})")
+    own = {o.name for o in LEARNERS[cfg.algorithm].options}
+    unknown = sorted(set(cfg.options) - own)
+    if unknown:
+        raise ValueError(f"train: {cfg.algorithm} takes no option(s) {unknown}; its options are: "
+                         f"{', '.join(sorted(own)) or 'none'}")
+    try:
+        torch.device(cfg.device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"train: device must be a torch device such as 'cpu' or 'cuda' (got {cfg.device!r})") from e
+    if torch.device(cfg.device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train: device {cfg.device!r} asked for but CUDA is not available; use --device cpu")
+    return cfg

@@ -1,0 +1,128 @@
+"""What a run is made of: the model, the meta-parameters, the learner (from the registry) and the task sources."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from metafunc.algorithms import MetaLearner
+from metafunc.core.functional import functionalize
+from metafunc.core.types import ModelFn, Params
+from metafunc.data.sinusoid import SinusoidSource
+from metafunc.data.synthetic import GaussianClassification
+from metafunc.nn import models
+from metafunc.registry import LEARNERS
+from metafunc.train.config import TrainConfig, resolve_config
+from metafunc.train.evaluation import TaskSource
+
+__all__ = ["Experiment", "build_experiment", "build_learner", "learner_options"]
+
+
+def learner_options(cfg: TrainConfig) -> dict[str, Any]:
+    """The keyword options the run gives its learner's factory: the common ones from the run's settings
+    (``inner_lr``, ``steps``, ``loss``, ``ways``) and the learner's own from ``cfg.options``.
+
+    Example:
+        >>> learner_options(resolve_config(TrainConfig(algorithm="imaml", dataset="synthetic", options={"lam": 2.0})))
+        {'inner_lr': 0.4, 'steps': 1, 'loss': 'cross_entropy', 'ways': 5, 'lam': 2.0}
+    """
+    loss = "mse" if cfg.dataset == "sinusoid" else "cross_entropy"
+    return {"inner_lr": cfg.inner_lr, "steps": cfg.inner_steps, "loss": loss, "ways": cfg.ways, **(cfg.options or {})}
+
+
+def build_learner(cfg: TrainConfig, model: ModelFn) -> MetaLearner:
+    """The registered learner ``cfg.algorithm`` over ``model`` with :func:`learner_options`.
+
+    Example:
+        >>> from metafunc import functionalize, models
+        >>> model, _ = functionalize(models.mlp())
+        >>> build_learner(resolve_config(TrainConfig(algorithm="checkpointed_maml")), model).name
+        'checkpointed_maml'
+    """
+    try:
+        return LEARNERS[cfg.algorithm].build(model, **learner_options(cfg))
+    except TypeError as e:
+        raise ValueError(f"train: {e}") from None
+
+
+class Experiment(NamedTuple):
+    """What a run needs: the pure model, the meta-parameters, the learner and the task sources by split.
+
+    Example:
+        >>> exp = build_experiment(resolve_config(TrainConfig(dataset="synthetic", ways=3, shots=2, width=8)))
+        >>> exp.learner.name, exp.classification, sorted(exp.sources)
+        ('maml', True, ['test', 'train', 'val'])
+        >>> tasks = exp.sources["train"].sample(4, torch.Generator().manual_seed(0))
+        >>> exp.model(exp.params, tasks.query_x[0]).shape  # 3 ways x 5 queries, 3 logits
+        torch.Size([15, 3])
+    """
+
+    model: ModelFn
+    params: Params
+    learner: MetaLearner
+    sources: dict[str, TaskSource]
+    classification: bool
+
+
+def _data_root(cfg: TrainConfig) -> Path:
+    if cfg.data_root is not None:
+        root = Path(cfg.data_root).expanduser()
+    elif os.environ.get("METAFUNC_DATA"):
+        root = Path(os.environ["METAFUNC_DATA"]) / "omniglot"
+    else:
+        raise ValueError("train: --dataset omniglot needs --data-root, the folder holding the Omniglot zips "
+                         "(e.g. ../shared/data/omniglot), or the METAFUNC_DATA variable")
+    if not root.is_dir():
+        raise FileNotFoundError(f"train: data root {str(root)!r} does not exist or is not a folder; pass --data-root "
+                                "pointing at the folder holding images_background_small1.zip / ..._small2.zip")
+    return root
+
+
+def _sources(cfg: TrainConfig, device: torch.device) -> dict[str, TaskSource]:
+    if cfg.dataset == "sinusoid":
+        return {"train": SinusoidSource(cfg.shots, cfg.queries), "val": SinusoidSource(cfg.shots, cfg.queries),
+                "test": SinusoidSource(cfg.shots, 100)}
+    if cfg.dataset == "synthetic":
+        src = GaussianClassification(cfg.ways, cfg.shots, cfg.queries)
+        return {"train": src, "val": src, "test": src}
+    root = _data_root(cfg)
+    try:
+        from metafunc.data import omniglot_samplers
+    except ImportError as e:  # pragma: no cover - only when the data package is broken
+        raise RuntimeError(f"train: --dataset omniglot needs metafunc.data.omniglot_samplers ({e})") from e
+    return dict(omniglot_samplers(root, ways=cfg.ways, shots=cfg.shots, queries=cfg.queries, device=device,
+                                  seed=cfg.seed))
+
+
+def _network(cfg: TrainConfig, with_head: bool) -> nn.Module:
+    if cfg.dataset == "sinusoid":
+        return models.mlp()
+    if cfg.dataset == "synthetic":
+        net = models.mlp(in_features=8, hidden=(cfg.width, cfg.width), out_features=cfg.ways, norm="layer")
+        return net if with_head else net.body
+    net = models.conv4(ways=cfg.ways, image_size=28, width=cfg.width)
+    return net if with_head else nn.Sequential(net.features, nn.Flatten())
+
+
+def build_experiment(config: TrainConfig) -> Experiment:
+    """Model (seeded with ``config.seed``), meta-parameters, learner and task sources for a resolved config.
+
+    Example:
+        >>> exp = build_experiment(resolve_config(TrainConfig(dataset="sinusoid")))
+        >>> exp.learner.name, sorted(exp.sources)
+        ('maml', ['test', 'train', 'val'])
+    """
+    cfg = resolve_config(config)
+    device = torch.device(cfg.device)
+    spec = LEARNERS[cfg.algorithm]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        module = _network(cfg, spec.needs_head).to(device)
+    model, params = functionalize(module)
+    learner = build_learner(cfg, model)
+    meta_params = {k: v.detach().requires_grad_(True) for k, v in learner.init(params).items()}
+    return Experiment(model, meta_params, learner, _sources(cfg, device), cfg.dataset != "sinusoid")
