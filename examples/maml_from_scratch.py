@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import metafunc
-from metafunc.tree import tree_relative_error
+from metafunc.core.tree import tree_relative_error
 
 __all__ = ["main"]
 
