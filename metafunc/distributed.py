@@ -26,7 +26,7 @@ import datetime
 import math
 import os
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Literal, NamedTuple, Sequence
+from typing import Any, Callable, Iterator, Literal, NamedTuple, Sequence, cast
 
 import numpy as np
 import torch
@@ -192,7 +192,7 @@ def init_distributed(
             if local_rank >= count:  # type: ignore[operator]
                 raise ValueError(f"init_distributed: LOCAL_RANK={local_rank} but this machine has {count} GPUs; "
                                  f"launch at most --nproc_per_node={count}")
-            dev = torch.device("cuda", local_rank)
+            dev = torch.device("cuda", int(local_rank or 0))
         torch.cuda.set_device(dev)
     else:
         dev = wanted if wanted is not None else torch.device("cpu")
@@ -543,9 +543,9 @@ def sharded(step: Callable[[Params, Task], tuple[Tensor, Metrics, Params]], *, g
                             f"metafunc.meta_value_and_grad does (got {type(out).__name__})")
         loss, metrics, grads = out
         names = list(grads)
-        reduced, loss, metrics = _weighted_mean([grads[k].detach() for k in names], tasks.num_tasks,
-                                                loss.detach(), dict(metrics), group)
-        return loss, metrics, dict(zip(names, reduced))  # type: ignore[return-value]
+        reduced, whole_loss, metrics = _weighted_mean([grads[k].detach() for k in names], tasks.num_tasks,
+                                                      loss.detach(), dict(metrics), group)
+        return cast(Tensor, whole_loss), metrics, dict(zip(names, reduced))
 
     run.__name__ = f"sharded_{getattr(step, '__name__', 'step')}"
     return run

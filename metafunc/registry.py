@@ -112,7 +112,10 @@ class LearnerSpec:
     @property
     def options(self) -> list[LearnerOption]:
         """The factory's own options (every keyword but :data:`COMMON_OPTIONS`), in signature order."""
-        hints = typing.get_type_hints(self.factory, globalns=vars(inspect.getmodule(self.factory)))
+        try:  # string annotations (``from __future__ import annotations``) resolve in the factory's globals
+            hints = typing.get_type_hints(self.factory, globalns=getattr(self.factory, "__globals__", None))
+        except (NameError, TypeError):
+            hints = {}
         out = []
         for name, p in self._parameters().items():
             if name in COMMON_OPTIONS:

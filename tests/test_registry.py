@@ -305,3 +305,26 @@ def test_torchrun_with_a_cuda_device_gives_each_rank_its_gpu(tmp_path, monkeypat
     assert code == 0
     assert seen["init_device"] == "cuda" and seen["device"] == "cuda:1"
     assert seen["kwargs"]["wrap_step"] is distributed.sharded and seen["kwargs"]["is_main"] is False
+
+
+def test_the_worked_example_of_contributing_md_is_one_file_plus_one_registry_entry(tmp_path, capsys):
+    """CONTRIBUTING.md's "Adding a learner" example, run as written: the module, the registry line, then the CLI
+    trains it with its own option as a flag."""
+    import re
+    import types
+
+    text = (ROOT / "CONTRIBUTING.md").read_text()
+    section = text[text.index("## Adding a learner"):]
+    module_code, registry_line = re.findall(r"```python\n(.*?)```", section, flags=re.S)[:2]
+    module = types.ModuleType("tempered_maml")
+    exec(compile(module_code, "CONTRIBUTING.md", "exec"), module.__dict__)
+    entry = eval(registry_line.strip().rstrip(","), {"tempered_maml": module.tempered_maml})
+    register_learner(entry[0], entry[1], needs_head=entry[2], path=entry[3], description=entry[4])
+    try:
+        assert [o.name for o in LEARNERS["tempered_maml"].options] == ["temperature"]
+        code = main(["train", "--algorithm", "tempered_maml", "--temperature", "4", "--dataset", "synthetic",
+                     "--iterations", "1", "--width", "8", "--no-progress", "--out", str(tmp_path)])
+        assert code == 0, capsys.readouterr().err
+        assert json.loads((tmp_path / "config.json").read_text())["options"] == {"temperature": 4.0}
+    finally:
+        del LEARNERS["tempered_maml"]

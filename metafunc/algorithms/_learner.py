@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from metafunc._shared import check_steps
 from metafunc.core.functional import check_params, thread_safe
 from metafunc.core.task_function import TaskFunction, Validator
-from metafunc.core.types import AdaptFn, LossFn, Metrics, ModelFn, Params, PerTaskFn, Task, check_labels, check_task
+from metafunc.core.types import AdaptFn, LossFn, Metrics, ModelFn, Params, Task, check_labels, check_task
 
 __all__ = ["MetaLearner", "resolve_loss", "check_model", "task_metrics", "learner_checks", "build_learner", "LossSpec",
            "with_steps"]
@@ -44,9 +44,9 @@ class MetaLearner(NamedTuple):
 
     name: str
     init: Callable[[Params], Params]
-    adapt: AdaptFn
-    meta_loss: PerTaskFn
-    evaluate: Callable[..., tuple[Tensor, Metrics]]
+    adapt: Callable[..., tuple[Params, Tensor]]
+    meta_loss: TaskFunction
+    evaluate: TaskFunction
     predict: Callable[[Params, Tensor], Tensor]
     second_order: bool
     model: ModelFn

@@ -69,7 +69,8 @@ class WaysResolver:
     """
 
     def __init__(self, caller: str, ways: int | None):
-        self.caller, self.fixed, self.derived = caller, ways, None
+        self.caller, self.fixed = caller, ways
+        self.derived: int | None = None
 
     def __call__(self, support_y: Tensor) -> int:
         if self.fixed is not None:

@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from metafunc.cli.options import add_learner_option_flags, learner_options_from_args
+from metafunc.core.batching import Mode
 from metafunc.registry import LEARNERS, learner_for_path, path_names
 
 __all__ = ["main", "build_parser", "BenchConfig", "run_case", "run_bench", "format_table", "build_model",
@@ -84,7 +85,7 @@ class BenchConfig:
     inner_lr: float = 0.1
     repeats: int = 3
     warmup: int = 1
-    mode: str = "vmap"
+    mode: Mode = "vmap"
     memory: str = "auto"
     options: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
@@ -242,8 +243,8 @@ def run_case(cfg: BenchConfig, path: str, steps: int, *, measure_rss: bool = Fal
         # Touch the code and allocator paths with a tiny version of the same case (one task, at most two steps)
         # so that the baseline already holds the pages every meta-step maps, then give freed heap back to the OS.
         small = path_learner(cfg, path, model, min(steps, 2))
-        loss, _, grads = meta_value_and_grad(small, mode=cfg.mode)(params, Task(*(t[:1] for t in tasks)))
-        del loss, small, grads
+        warm = meta_value_and_grad(small, mode=cfg.mode)(params, Task(*(t[:1] for t in tasks)))
+        del warm, small
         gc.collect()
         _malloc_trim()
     sync()
@@ -254,7 +255,8 @@ def run_case(cfg: BenchConfig, path: str, steps: int, *, measure_rss: bool = Fal
     elif measure_rss:
         base = _rss_bytes()
     times = []
-    loss, metrics = None, {}
+    loss: torch.Tensor | None = None
+    metrics: dict[str, torch.Tensor] = {}
     for i in range(cfg.warmup + cfg.repeats):
         start = time.perf_counter()
         loss, metrics = meta_step()

@@ -14,7 +14,10 @@ from metafunc._shared import check_choice, check_steps, under_func_transform
 from metafunc.core.task_function import checks_of, per_task_function
 from metafunc.core.types import Metrics, Params, PerTaskFn, Task, check_task
 
-__all__ = ["meta_batch", "resolve_mode", "task_memory_estimate", "MODES", "checked_tasks", "check_batching_options"]
+__all__ = ["meta_batch", "resolve_mode", "task_memory_estimate", "MODES", "Mode", "checked_tasks", "check_batching_options"]
+
+Mode = Literal["auto", "vmap", "loop"]
+"""How a meta-batch runs: ``"vmap"``, ``"loop"``, or ``"auto"`` (one of them per device and model size)."""
 
 MODES = ("vmap", "loop")
 """The two ways to run a meta-batch; ``mode="auto"`` (the default) picks one of them per device and model size."""

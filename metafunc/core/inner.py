@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 from torch import Tensor
@@ -17,14 +17,14 @@ from metafunc.core.types import AdaptFn, Params, Selector
 __all__ = ["inner_loop", "first_order", "sgd_step"]
 
 
-def sgd_step(params: Params, grads: Params, lr: float | Params) -> Params:
+def sgd_step(params: Params, grads: Params, lr: float | Mapping[str, float | Tensor]) -> Params:
     """One SGD step on the keys of ``grads``; ``lr`` is a scalar or a per-parameter dict (Meta-SGD).
 
     Example:
         >>> sgd_step({"w": torch.ones(2)}, {"w": torch.ones(2)}, 0.5)
         {'w': tensor([0.5000, 0.5000])}
     """
-    if isinstance(lr, dict):
+    if isinstance(lr, Mapping):
         return {**params, **{k: params[k] - lr[k] * g for k, g in grads.items()}}
     return {**params, **{k: params[k] - lr * g for k, g in grads.items()}}
 
@@ -78,7 +78,7 @@ def inner_loop(
         check_positive("inner_loop", "lr", lr)
     default_steps, default_lr, selector = steps, lr, adapt
 
-    def run(params: Params, x: Tensor, y: Tensor, *, lr: float | Params | None = None,
+    def run(params: Params, x: Tensor, y: Tensor, *, lr: float | Mapping[str, float | Tensor] | None = None,
             steps: int | None = None) -> tuple[Params, Tensor]:
         step_lr = default_lr if lr is None else lr
         if step_lr is None:
@@ -86,12 +86,12 @@ def inner_loop(
         n = default_steps if steps is None else steps
         names = select(params, selector, caller="inner_loop")
         fast = dict(params)
-        losses = []
+        losses: list[Tensor] = []
         with _twice_differentiable_attention(not first_order):
             fast = _steps(fast, names, n, step_lr, x, y, losses)
         return fast, torch.stack(losses) if losses else torch.zeros(0)
 
-    def _steps(fast: Params, names: list[str], n: int, step_lr: float | Params, x: Tensor, y: Tensor,
+    def _steps(fast: Params, names: list[str], n: int, step_lr: float | Mapping[str, float | Tensor], x: Tensor, y: Tensor,
                losses: list[Tensor]) -> Params:
         if not under_func_transform():
             return _autograd_steps(fast, names, n, step_lr, x, y, losses)
@@ -106,7 +106,7 @@ def inner_loop(
             losses.append(loss.detach())
         return fast
 
-    def _autograd_steps(fast: Params, names: list[str], n: int, step_lr: float | Params, x: Tensor, y: Tensor,
+    def _autograd_steps(fast: Params, names: list[str], n: int, step_lr: float | Mapping[str, float | Tensor], x: Tensor, y: Tensor,
                         losses: list[Tensor]) -> Params:
         # The loop fast path (no torch.func transform is running, e.g. meta_batch(mode="loop")): the same steps with
         # torch.autograd.grad, which skips functorch's per-op wrapping. The graph is kept (create_graph) only when

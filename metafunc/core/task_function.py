@@ -61,7 +61,7 @@ class TaskFunction:
         self.fn = fn
         self.validate = validate
         self.thread_safe = thread_safe if thread_safe is not None else _never_thread_safe
-        self.name = name or getattr(fn, "__name__", "task_function")
+        self.name: str = name or str(getattr(fn, "__name__", "task_function"))
 
     @property
     def __name__(self) -> str:  # so that functools.wraps and error messages see a name

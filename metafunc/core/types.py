@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Protocol, Union
+from typing import Any, Callable, Mapping, NamedTuple, Protocol, Union
 
 import torch
 from torch import Tensor
@@ -98,7 +98,8 @@ class AdaptFn(Protocol):
         (['bias', 'weight'], torch.Size([2]))
     """
 
-    def __call__(self, params: Params, x: Tensor, y: Tensor, **kwargs) -> tuple[Params, Tensor]: ...
+    def __call__(self, params: Params, x: Tensor, y: Tensor, *, lr: float | Mapping[str, float | Tensor] | None = None,
+                 steps: int | None = None) -> tuple[Params, Tensor]: ...
 
 
 class PerTaskFn(Protocol):

@@ -181,8 +181,8 @@ def _decode(caller: str, zip_path: Path, member: str, raw: bytes, size: int) -> 
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(raw)) as im:
-            im = im.convert("L")
+        with Image.open(io.BytesIO(raw)) as opened:
+            im: Image.Image = opened.convert("L")
             im = Image.eval(im, lambda v: 255 - v)  # strokes (black, 0) become 255
             if im.size != (size, size):
                 im = im.resize((size, size), Image.Resampling.BOX)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, cast
 
 import torch
 from torch import Tensor
@@ -49,8 +49,8 @@ def attach_gradient(params: Params, value: Tensor, gradient: Params) -> Tensor:
     vector-Jacobian products or a linear solve) return a loss that ``loss.backward()``, ``meta_batch`` (vmap and
     loop) and ``torch.func.grad`` differentiate like any other learner's.
     """
-    dot = sum((params[k] * gradient[k].detach()).sum() for k in gradient)
-    return value.detach() + (dot - dot.detach())  # type: ignore[operator]
+    dot = cast(Tensor, sum((params[k] * gradient[k].detach()).sum() for k in gradient))
+    return value.detach() + (dot - dot.detach())
 
 
 def clip_tree(tree: Params, max_norm: float | None) -> Params:

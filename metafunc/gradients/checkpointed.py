@@ -148,7 +148,7 @@ def checkpointed_maml(
             for _ in range(start, end - 1):
                 segment.append(step(segment[-1], x, y))
             for phi_i in reversed(segment):
-                _, pullback = vjp(lambda p: step(p, x, y), phi_i)
+                _, pullback = vjp(lambda p: step(p, x, y), phi_i)  # type: ignore[misc]
                 (v,) = pullback(v)
                 if clip_norm is not None:
                     v = {**v, **clip_tree({k: v[k] for k in names}, clip_norm)}

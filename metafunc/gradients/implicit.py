@@ -144,13 +144,13 @@ def imaml(
             return loss_fn(prediction, task.query_y), prediction
 
         v, (query_loss, prediction) = grad_and_value(query, has_aux=True)(phi)
-        _, hvp = vjp(lambda p: grad(task_loss)(p, x, y), phi)
+        _, hvp = vjp(lambda p: grad(task_loss)(p, x, y), phi)  # type: ignore[misc]
 
         def matvec(u: Params) -> Params:
             (hu,) = hvp(u)
             return {k: u[k] + hu[k] / lam for k in u}
 
-        g = conjugate_gradient(matvec, v, iterations=cg_iterations, damping=damping)
+        g = conjugate_gradient(matvec, v, iterations=cg_iterations, damping=damping)  # type: ignore[arg-type]
         metrics = task_metrics(prediction, task.query_y, query_loss, classification)
         metrics["support_loss"] = support_losses[0]
         return attach_gradient(params, query_loss, g), metrics  # type: ignore[arg-type]

@@ -10,7 +10,7 @@ function from elementary ops (mean, subtraction, ``rsqrt``), whose batching and 
 from __future__ import annotations
 
 import copy
-from typing import Literal, Sequence
+from typing import Literal, Sequence, cast
 
 import torch
 from torch import Tensor, nn
@@ -71,7 +71,8 @@ class BatchNorm(nn.Module):
             raise ValueError(f"BatchNorm: expected input (N, {self.num_features}, ...) (got shape {tuple(x.shape)})")
         shape = (1, -1) + (1,) * (x.dim() - 2)
         if self.use_running_stats:
-            y = (x - self.running_mean.reshape(shape)) * torch.rsqrt(self.running_var.reshape(shape) + self.eps)
+            mean, var = cast(Tensor, self.running_mean), cast(Tensor, self.running_var)
+            y = (x - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + self.eps)
         elif not under_func_transform() and x.numel() > x.shape[1]:
             # No torch.func transform is running (a plain autograd loop, meta_batch(mode="loop")): torch's fused
             # kernel computes the same function, and its gradients are exact outside vmap, in less time and memory.
@@ -190,12 +191,12 @@ def _convert_one(m: nn.Module, batch_norm: str) -> nn.Module | None:
         new.to(device=ref.device, dtype=ref.dtype)
     with torch.no_grad():
         if getattr(m, "weight", None) is not None:
-            new.weight.copy_(m.weight)  # type: ignore[union-attr]
+            cast(Tensor, new.weight).copy_(cast(Tensor, m.weight))
         if getattr(m, "bias", None) is not None:
-            new.bias.copy_(m.bias)  # type: ignore[union-attr]
+            cast(Tensor, new.bias).copy_(cast(Tensor, m.bias))
         if isinstance(new, BatchNorm) and new.use_running_stats:
-            new.running_mean.copy_(m.running_mean)  # type: ignore[operator]
-            new.running_var.copy_(m.running_var)  # type: ignore[operator]
+            cast(Tensor, new.running_mean).copy_(cast(Tensor, m.running_mean))
+            cast(Tensor, new.running_var).copy_(cast(Tensor, m.running_var))
     return new
 
 

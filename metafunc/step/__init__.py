@@ -41,7 +41,7 @@ class MetaStep(Protocol):
         True
     """
 
-    def __call__(self, params: Params, tasks: Task) -> tuple[Tensor, Metrics, Params]: ...
+    def __call__(self, params: Params, tasks: Task, /) -> tuple[Tensor, Metrics, Params]: ...
 
 
 def apply_grads(params: Params, grads: Params) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import collections
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, cast
 
 import torch
 from torch import Tensor
@@ -206,7 +206,7 @@ def meta_value_and_grad(
             for k, v in metrics.items():
                 metric_sums[k] = v if k not in metric_sums else metric_sums[k] + v
         grads = {k: torch.zeros_like(p) if g is None else g for k, p, g in zip(names, leaves, total)}
-        return loss_sum / n, {k: v / n for k, v in metric_sums.items()}, grads  # type: ignore[operator]
+        return cast(Tensor, loss_sum) / n, {k: v / n for k, v in metric_sums.items()}, grads
 
     step.__name__ = f"meta_value_and_grad_{getattr(per_task, '__name__', 'per_task')}"
     return step

@@ -82,7 +82,7 @@ def cached_encoder(cache: Path, *, max_length: int = 32,
         if path.exists():
             return torch.load(path, weights_only=True)
         order = torch.argsort(toks[:, 1].sum(-1))  # similar lengths together: less padding per batch
-        emb = torch.empty(len(texts), net.embeddings.word_embeddings.weight.shape[1])
+        emb = torch.empty(len(texts), int(net.embeddings.word_embeddings.weight.shape[1]))  # type: ignore[union-attr,index]
         emb[order] = embed_texts(net, toks[order], batch_size=64, progress=True)
         cache.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")

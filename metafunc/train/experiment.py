@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import nn
@@ -16,13 +16,13 @@ from metafunc.data.sinusoid import SinusoidSource
 from metafunc.data.synthetic import GaussianClassification
 from metafunc.nn import models
 from metafunc.registry import LEARNERS
-from metafunc.train.config import TrainConfig, resolve_config
+from metafunc.train.config import ResolvedConfig, TrainConfig, resolve_config
 from metafunc.train.evaluation import TaskSource
 
 __all__ = ["Experiment", "build_experiment", "build_learner", "learner_options"]
 
 
-def learner_options(cfg: TrainConfig) -> dict[str, Any]:
+def learner_options(cfg: ResolvedConfig) -> dict[str, Any]:
     """The keyword options the run gives its learner's factory: the common ones from the run's settings
     (``inner_lr``, ``steps``, ``loss``, ``ways``) and the learner's own from ``cfg.options``.
 
@@ -34,7 +34,7 @@ def learner_options(cfg: TrainConfig) -> dict[str, Any]:
     return {"inner_lr": cfg.inner_lr, "steps": cfg.inner_steps, "loss": loss, "ways": cfg.ways, **(cfg.options or {})}
 
 
-def build_learner(cfg: TrainConfig, model: ModelFn) -> MetaLearner:
+def build_learner(cfg: ResolvedConfig, model: ModelFn) -> MetaLearner:
     """The registered learner ``cfg.algorithm`` over ``model`` with :func:`learner_options`.
 
     Example:
@@ -68,7 +68,7 @@ class Experiment(NamedTuple):
     classification: bool
 
 
-def _data_root(cfg: TrainConfig) -> Path:
+def _data_root(cfg: ResolvedConfig) -> Path:
     if cfg.data_root is not None:
         root = Path(cfg.data_root).expanduser()
     elif os.environ.get("METAFUNC_DATA"):
@@ -82,7 +82,7 @@ def _data_root(cfg: TrainConfig) -> Path:
     return root
 
 
-def _sources(cfg: TrainConfig, device: torch.device) -> dict[str, TaskSource]:
+def _sources(cfg: ResolvedConfig, device: torch.device) -> dict[str, TaskSource]:
     if cfg.dataset == "sinusoid":
         return {"train": SinusoidSource(cfg.shots, cfg.queries), "val": SinusoidSource(cfg.shots, cfg.queries),
                 "test": SinusoidSource(cfg.shots, 100)}
@@ -98,14 +98,14 @@ def _sources(cfg: TrainConfig, device: torch.device) -> dict[str, TaskSource]:
                                   seed=cfg.seed))
 
 
-def _network(cfg: TrainConfig, with_head: bool) -> nn.Module:
+def _network(cfg: ResolvedConfig, with_head: bool) -> nn.Module:
     if cfg.dataset == "sinusoid":
         return models.mlp()
     if cfg.dataset == "synthetic":
-        net = models.mlp(in_features=8, hidden=(cfg.width, cfg.width), out_features=cfg.ways, norm="layer")
-        return net if with_head else net.body
-    net = models.conv4(ways=cfg.ways, image_size=28, width=cfg.width)
-    return net if with_head else nn.Sequential(net.features, nn.Flatten())
+        mlp = models.mlp(in_features=8, hidden=(cfg.width, cfg.width), out_features=cfg.ways, norm="layer")
+        return mlp if with_head else cast(nn.Module, mlp.body)
+    conv = models.conv4(ways=cfg.ways, image_size=28, width=cfg.width)
+    return conv if with_head else nn.Sequential(cast(nn.Module, conv.features), nn.Flatten())
 
 
 def build_experiment(config: TrainConfig) -> Experiment:

@@ -27,7 +27,7 @@ from metafunc._shared import atomic_write_text
 from metafunc.core.types import Params
 from metafunc.step import MetaStep, apply_grads, meta_value_and_grad
 from metafunc.train.checkpoint import check_compatible, load_checkpoint, save_checkpoint
-from metafunc.train.config import RESUME_KEYS, TrainConfig, resolve_config
+from metafunc.train.config import RESUME_KEYS, ResolvedConfig, TrainConfig, resolve_config
 from metafunc.train.evaluation import TaskSource, evaluate_episodes
 from metafunc.train.experiment import Experiment, build_experiment
 from metafunc.train.plots import plot_learning_curve
@@ -35,7 +35,7 @@ from metafunc.train.plots import plot_learning_curve
 __all__ = ["TrainResult", "train", "default_is_main", "checkpoint_state", "restore_checkpoint", "trainer_step"]
 
 
-def trainer_step(exp: Experiment, cfg: TrainConfig) -> MetaStep:
+def trainer_step(exp: Experiment, cfg: ResolvedConfig) -> MetaStep:
     """The meta-step ``metafunc train`` takes: :func:`metafunc.meta_value_and_grad` of the run's learner with the
     run's ``mode`` and ``chunk_size`` (a task or a chunk differentiated as soon as it has run).
 
@@ -77,12 +77,12 @@ class TrainResult(NamedTuple):
     params: Params
     records: list[dict[str, Any]]
     out: Path
-    config: TrainConfig
+    config: ResolvedConfig
     experiment: Experiment
     seconds: float
 
 
-def checkpoint_state(cfg: TrainConfig, iteration: int, params: Params, optimizer: torch.optim.Optimizer,
+def checkpoint_state(cfg: ResolvedConfig, iteration: int, params: Params, optimizer: torch.optim.Optimizer,
                      generator: torch.Generator, records: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
     """Everything a run needs to continue exactly: parameters, optimizer, generator and torch RNG states.
 
@@ -103,7 +103,7 @@ def checkpoint_state(cfg: TrainConfig, iteration: int, params: Params, optimizer
     }
 
 
-def restore_checkpoint(checkpoint: dict[str, Any], cfg: TrainConfig, params: Params,
+def restore_checkpoint(checkpoint: dict[str, Any], cfg: ResolvedConfig, params: Params,
                        optimizer: torch.optim.Optimizer, generator: torch.Generator) -> int:
     """Load a :func:`checkpoint_state` into live objects (checking it fits) and return its iteration.
 
@@ -137,7 +137,7 @@ def _read_records(path: Path, upto: int) -> list[dict[str, Any]]:
     return keep
 
 
-def _validate(exp: Experiment, cfg: TrainConfig, params: Params, iteration: int) -> dict[str, Any]:
+def _validate(exp: Experiment, cfg: ResolvedConfig, params: Params, iteration: int) -> dict[str, Any]:
     gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed + 1_000_003)
     res = evaluate_episodes(exp.learner, params, exp.sources["val"], episodes=cfg.val_episodes,
                             steps=cfg.eval_inner_steps, classification=exp.classification, generator=gen,

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 
 from metafunc.algorithms import maml
 from metafunc.core.functional import functionalize
 from metafunc.core.types import Params
-from metafunc.data.sinusoid import SinusoidSource, sinusoid_tasks
+from metafunc.data.sinusoid import SinusoidSource, SinusoidTasks, sinusoid_tasks
 from metafunc.nn import models
 from metafunc.train.config import TrainConfig, resolve_config
 from metafunc.train.evaluation import EvalResult, evaluate_episodes
@@ -154,7 +154,7 @@ def plot_sinusoid_adaptation(result: TrainResult, baseline_params: Params, path:
     cfg, exp = result.config, result.experiment
     finetune = maml(exp.model, inner_lr=cfg.inner_lr, steps=1, loss="mse")
     gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed + 3_000_017)
-    drawn = sinusoid_tasks(tasks, shots=cfg.shots, generator=gen, return_parameters=True)
+    drawn = cast(SinusoidTasks, sinusoid_tasks(tasks, shots=cfg.shots, generator=gen, return_parameters=True))
     grid = torch.linspace(-5, 5, 200, device=cfg.device).unsqueeze(-1)
     fig, axes = plt.subplots(2, tasks, figsize=(4.2 * tasks, 6.5), squeeze=False)
     rows = ((cfg.algorithm.upper(), exp.learner, result.params), ("pretrained", finetune, baseline_params))
