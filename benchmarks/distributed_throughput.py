@@ -31,8 +31,8 @@ ROOT = HERE.parents[1]
 def _worker(args: argparse.Namespace) -> None:
     import torch
 
+    from metafunc import apply_grads, functionalize, maml, meta_value_and_grad, models
     from metafunc import distributed as D
-    from metafunc import functionalize, maml, meta_batch, models
     from metafunc.train import GaussianClassification
 
     torch.set_num_threads(args.threads)
@@ -52,17 +52,16 @@ def _worker(args: argparse.Namespace) -> None:
 
     source = D.ShardedSource(sampler, rank=info.rank, world_size=info.world_size)
     generator = torch.Generator(device=device).manual_seed(0)
-    batched = meta_batch(learner.meta_loss)
+    meta_step = D.sharded(meta_value_and_grad(learner))
 
     def step() -> None:
         tasks = source.sample(args.meta_batch, generator)
-        optimizer.zero_grad(set_to_none=True)
-        D.distributed_meta_gradient(batched, params, tasks)
+        apply_grads(params, meta_step(params, tasks)[2])
         optimizer.step()
 
     tasks = source.sample(args.meta_batch, torch.Generator(device=device).manual_seed(1))
-    D.distributed_meta_gradient(batched, params, tasks)      # checked against 1 process before timing
-    first_grad = {k: v.grad.detach().cpu().clone() for k, v in params.items()}
+    first_grad = {k: g.detach().cpu().clone()                # checked against 1 process before timing
+                  for k, g in meta_step(params, tasks)[2].items()}
 
     def sync() -> None:
         if device.type == "cuda":

@@ -1,6 +1,6 @@
 """Speed of the ``metafunc train`` main job's meta-step (MAML, sinusoid, 40-40 MLP, K=10, meta-batch 25).
 
-Times the exact step the training loop runs (:func:`metafunc.train.loop.meta_gradient` + Adam) with the meta-batch as
+Times the exact step the training loop runs (:func:`metafunc.train.trainer_step`, i.e. ``meta_value_and_grad``, + Adam) with the meta-batch as
 ``vmap`` (1 and 2 torch threads) and as a Python loop (1 thread), side by side in one run, after checking that both modes
 give the same meta-gradient. Prints a table (milliseconds per meta-step, median of repeats).
 
@@ -15,9 +15,9 @@ import time
 
 import torch
 
-from metafunc import meta_batch
+from metafunc import apply_grads, meta_value_and_grad
 from metafunc.core.tree import tree_relative_error
-from metafunc.train import SinusoidSource, TrainConfig, build_experiment, meta_gradient, resolve_config
+from metafunc.train import SinusoidSource, TrainConfig, build_experiment, resolve_config
 
 __all__ = ["main"]
 
@@ -28,7 +28,7 @@ def _time_steps(mode: str, threads: int, steps: int, repeats: int) -> float:
     exp = build_experiment(cfg)
     params = exp.params
     opt = torch.optim.Adam(params.values(), lr=cfg.outer_lr)
-    batched = meta_batch(exp.learner.meta_loss, mode=mode)
+    step = meta_value_and_grad(exp.learner, mode=mode)
     gen = torch.Generator().manual_seed(0)
     source = SinusoidSource(cfg.shots, cfg.queries)
     times = []
@@ -36,8 +36,7 @@ def _time_steps(mode: str, threads: int, steps: int, repeats: int) -> float:
         t0 = time.perf_counter()
         for _ in range(steps):
             tasks = source.sample(cfg.meta_batch, gen)
-            opt.zero_grad(set_to_none=True)
-            meta_gradient(batched, params, tasks)
+            apply_grads(params, step(params, tasks)[2])
             opt.step()
         if r:  # the first repeat warms up
             times.append((time.perf_counter() - t0) / steps * 1e3)
@@ -50,8 +49,7 @@ def _check_modes_agree() -> float:
     grads = {}
     for mode in ("vmap", "loop"):
         params = {k: v.detach().clone().requires_grad_(True) for k, v in exp.params.items()}
-        meta_gradient(meta_batch(exp.learner.meta_loss, mode=mode), params, tasks)
-        grads[mode] = {k: v.grad for k, v in params.items()}
+        grads[mode] = meta_value_and_grad(exp.learner, mode=mode)(params, tasks)[2]
     return tree_relative_error(grads["vmap"], grads["loop"])
 
 
