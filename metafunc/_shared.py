@@ -21,15 +21,15 @@ def under_func_transform() -> bool:
     return peek is None or peek() is not None
 
 
-def save_atomic(obj: object, path: str | os.PathLike) -> Path:
-    """``torch.save`` into a temp file in the same folder, fsync, then ``os.replace``: a crash never leaves a
-    half-written file at ``path`` (the previous file, if any, stays intact)."""
+def _replace_atomically(path: str | os.PathLike, mode: str, write: Any) -> Path:
+    """Call ``write(file)`` on a temp file beside ``path`` opened with ``mode``, fsync, then ``os.replace`` it onto
+    ``path``; on any error the temp file is removed and ``path`` is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -40,27 +40,18 @@ def save_atomic(obj: object, path: str | os.PathLike) -> Path:
             pass
         raise
     return path
+
+
+def save_atomic(obj: object, path: str | os.PathLike) -> Path:
+    """``torch.save`` into a temp file in the same folder, fsync, then ``os.replace``: a crash never leaves a
+    half-written file at ``path`` (the previous file, if any, stays intact)."""
+    return _replace_atomically(path, "wb", lambda f: torch.save(obj, f))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to a temp file beside ``path``, fsync, then ``os.replace`` (readers see the old or the new
     file, never half of one)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+    return _replace_atomically(path, "w", lambda f: f.write(text))
 
 
 def check_positive(caller: str, name: str, value: Any) -> float:

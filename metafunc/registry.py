@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import typing
+from collections.abc import Iterator, Mapping
 from typing import Any, Callable
 
 from metafunc.algorithms import (
@@ -240,43 +241,26 @@ for _name, _factory, _head, _path, _text in (
     register_learner(_name, _factory, needs_head=_head, path=_path, description=_text)
 
 
-class _GradientPaths(dict):  # type: ignore[type-arg]
-    """Path name -> factory, a live view of the registry (``GRADIENT_PATHS["checkpointed"] is checkpointed_maml``)."""
+class _GradientPaths(Mapping[str, Callable[..., MetaLearner]]):
+    """Path name -> factory, a live read-only view of the registry (``GRADIENT_PATHS["checkpointed"]``)."""
 
-    def _refresh(self) -> None:
-        dict.clear(self)
-        dict.update(self, {s.path: s.factory for s in LEARNERS.values() if s.path is not None})
+    def _current(self) -> dict[str, Callable[..., MetaLearner]]:
+        return {s.path: s.factory for s in LEARNERS.values() if s.path is not None}
 
     def __getitem__(self, key: str) -> Callable[..., MetaLearner]:
-        self._refresh()
-        return dict.__getitem__(self, key)
+        return self._current()[key]
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
-        self._refresh()
-        return dict.__iter__(self)
-
-    def __contains__(self, key: object) -> bool:
-        self._refresh()
-        return dict.__contains__(self, key)
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._current())
 
     def __len__(self) -> int:
-        self._refresh()
-        return dict.__len__(self)
+        return len(self._current())
 
-    def keys(self):  # type: ignore[no-untyped-def]
-        self._refresh()
-        return dict.keys(self)
-
-    def items(self):  # type: ignore[no-untyped-def]
-        self._refresh()
-        return dict.items(self)
-
-    def values(self):  # type: ignore[no-untyped-def]
-        self._refresh()
-        return dict.values(self)
+    def __repr__(self) -> str:
+        return f"GRADIENT_PATHS({self._current()!r})"
 
 
-GRADIENT_PATHS: dict[str, Callable[..., MetaLearner]] = _GradientPaths()
+GRADIENT_PATHS: Mapping[str, Callable[..., MetaLearner]] = _GradientPaths()
 """Gradient path name -> factory ``factory(model, *, inner_lr, steps, loss, **options) -> MetaLearner``, read from
 :data:`LEARNERS` (``metafunc bench --paths`` takes these names)."""
 
