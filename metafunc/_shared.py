@@ -3,6 +3,7 @@ caller, the argument and the fix), whether a ``torch.func`` transform is running
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
@@ -11,7 +12,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["check_positive", "check_steps", "check_nonnegative", "check_choice", "under_func_transform", "save_atomic", "atomic_write_text"]
+__all__ = ["check_positive", "check_steps", "check_nonnegative", "check_choice", "under_func_transform", "save_atomic", "atomic_write_text",
+           "strict_json", "json_safe"]
 
 
 def under_func_transform() -> bool:
@@ -84,3 +86,21 @@ def check_choice(caller: str, name: str, value: Any, choices: tuple) -> Any:
     return value
 
 
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, +-inf) replaced by ``None``, in nested dicts, lists and tuples:
+    what strict JSON readers accept (``NaN`` is not JSON)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def strict_json(value: Any, **kwargs: Any) -> str:
+    """``json.dumps`` of :func:`json_safe` ``(value)`` with ``allow_nan=False``: every file metafunc writes parses
+    with a strict JSON reader; a non-finite number is written as ``null``."""
+    return json.dumps(json_safe(value), allow_nan=False, **kwargs)

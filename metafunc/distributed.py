@@ -54,6 +54,7 @@ __all__ = [
     "all_reduce_meta_grads",
     "sharded",
     "broadcast_object",
+    "any_rank",
     "barrier",
 ]
 
@@ -566,6 +567,24 @@ def broadcast_object(obj: Any, src: int = 0, *, group: Any = None) -> Any:
     with _collective("broadcast"):
         dist.broadcast_object_list(box, src=src, group=group, device=info.device if info.backend == "nccl" else None)
     return box[0]
+
+
+def any_rank(flag: bool, *, group: Any = None) -> bool:
+    """True on every rank if ``flag`` is true on any rank (one all-reduce of a single number; ``flag`` itself in a
+    single process). The trainer calls it after each meta-step, so a stop signal to one rank stops all of them at
+    the same step.
+
+    Example:
+        >>> any_rank(True), any_rank(False)
+        (True, False)
+    """
+    info = distributed_info()
+    if not info.distributed and group is None:
+        return bool(flag)
+    box = torch.tensor([1.0 if flag else 0.0], device=info.device)
+    with _collective("all_reduce of the stop flag"):
+        dist.all_reduce(box, op=dist.ReduceOp.MAX, group=group)
+    return bool(box.item() > 0)
 
 
 def barrier(*, group: Any = None) -> None:

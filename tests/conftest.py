@@ -1,3 +1,4 @@
+import json
 import os
 from pathlib import Path
 
@@ -31,3 +32,31 @@ def data_root() -> Path:
     if os.environ.get("CI"):
         pytest.fail("METAFUNC_DATA is not set to the shared data folder; .ci/run sets it")
     pytest.skip("real data not found: set METAFUNC_DATA to the shared data folder")
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"not strict JSON: {name}")
+
+
+def strict_json_lines(path: Path) -> list[dict]:
+    """Every line of a JSONL file parsed by a strict reader (``NaN``/``Infinity`` are refused, as by ``jq``)."""
+    return [json.loads(line, parse_constant=_refuse_constant) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _every_metrics_file_is_strict_json(tmp_path_factory):
+    """After the whole suite: every ``metrics.jsonl``, ``config.json`` and results file that metafunc wrote under
+    pytest's temporary folders parses with a strict JSON reader."""
+    yield
+    base = tmp_path_factory.getbasetemp()
+    bad = []
+    written = ("metrics.jsonl", "config.json", "sinusoid_results.json", "results.json", "evaluation.json")
+    for path in [p for name in written for p in base.rglob(name) if p.is_file()]:
+        try:
+            if path.suffix == ".jsonl":
+                strict_json_lines(path)
+            else:
+                json.loads(path.read_text(), parse_constant=_refuse_constant)
+        except ValueError as e:
+            bad.append(f"{path}: {e}")
+    assert not bad, bad

@@ -61,7 +61,8 @@ def test_crash_mid_training_keeps_the_last_checkpoint_and_resume_completes_the_r
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(cfg, progress=False, wrap_step=crashing)
     assert load_checkpoint(tmp_path / "crash" / "checkpoint.pt")["iteration"] == 4
-    assert sorted(p.name for p in (tmp_path / "crash").iterdir()) == ["checkpoint.pt", "config.json", "metrics.jsonl"]
+    assert sorted(p.name for p in (tmp_path / "crash").iterdir()) == ["checkpoint.prev.pt", "checkpoint.pt", "config.json",
+                                                                    "metrics.jsonl"]
     resumed = train(cfg, resume=True, progress=False)
     full = train(_cfg(tmp_path, "full", checkpoint_every=2), progress=False)
     assert tree_relative_error(resumed.params, full.params) == 0.0

@@ -36,7 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="meta-train (no arguments: MAML on sinusoid regression vs a pretrained baseline)",
                        description="Meta-train a learner. Settings come from the dataset defaults, then --config, "
-                                   "then the flags given here.")
+                                   "then the flags given here. Exit status: 0 done; 1 a rank died or hung (torchrun); "
+                                   "2 bad settings; 3 the meta-loss or meta-gradient stopped being finite; 4 a "
+                                   "checkpoint could not be written (the previous one is kept); 75 stopped by "
+                                   "SIGTERM/SIGINT/SIGUSR1 after writing a checkpoint (restart with --resume).")
     t.add_argument("--config", help="JSON or TOML file of settings (flags given here override it)")
     t.add_argument("--algorithm", choices=list(LEARNERS), metavar="{" + ",".join(LEARNERS) + "}",
                    help="the learner, from metafunc.LEARNERS (default maml): " +
@@ -73,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dist-timeout", type=float, default=300.0, metavar="SECONDS",
                    help="under torchrun: a rank that dies or hangs stops the others within this many seconds "
                         "(default 300)")
+    t.add_argument("--on-nonfinite", choices=("stop", "skip"),
+                   help="a NaN/inf meta-loss or meta-gradient: stop (default; exit status 3, the last good checkpoint "
+                        "kept) or skip that step (logged in metrics.jsonl)")
+    t.add_argument("--max-nonfinite", type=int, metavar="N",
+                   help="with --on-nonfinite skip: stop (exit status 3) once N steps were skipped (default 10)")
     t.add_argument("--dist-backend", choices=("auto", "gloo", "nccl"), default="auto",
                    help="under torchrun: auto (default) picks NCCL for a CUDA --device and gloo otherwise")
     add_learner_option_flags(t)

@@ -47,6 +47,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from metafunc._shared import atomic_write_text, strict_json
 from metafunc.cli.options import add_learner_option_flags, learner_options_from_args
 from metafunc.core.batching import Mode
 from metafunc.registry import LEARNERS, learner_for_path, path_names
@@ -284,7 +285,7 @@ def _worker(spec: str) -> int:
         print(json.dumps({"error": f"out of memory ({type(e).__name__})"}))
         return 0
     torch.save(out.pop("grad"), job["grad_file"])
-    print(json.dumps(out))
+    print(strict_json(out))
     return 0
 
 
@@ -566,9 +567,8 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"memory: {memory_note}")
     print(format_table(rows, markdown=args.markdown))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"config": asdict(cfg), "device": device, "torch": torch.__version__, "memory_method": method,
-                       "rows": rows}, f, indent=2)
+        atomic_write_text(args.json, strict_json({"config": asdict(cfg), "device": device, "torch": torch.__version__,
+                                                  "memory_method": method, "rows": rows}, indent=2))
     if args.plot:
         _plot(rows, args.plot, f"{cfg.model}, meta-batch {cfg.meta_batch}, {device}")
     return 0

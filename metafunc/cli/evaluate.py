@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
+from metafunc._shared import strict_json
 from metafunc.registry import LEARNERS
 from metafunc.train import (
     BATCHNORM_PROTOCOL,
@@ -50,6 +50,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
     exp = build_experiment(cfg)
     check_compatible(ckpt, exp.params, caller="metafunc evaluate")
     params = {k: ckpt["params"][k].to(cfg.device) for k in exp.params}
+    bad = [k for k, v in params.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"metafunc evaluate: the checkpoint's parameters {bad[:6]} are not finite (NaN or inf): the run "
+                         f"diverged before it was saved; evaluate an earlier checkpoint (e.g. checkpoint.prev.pt)")
     gen = torch.Generator(device=cfg.device).manual_seed(args.seed)
     result = evaluate_episodes(exp.learner, params, exp.sources[args.split], episodes=args.episodes,
                                steps=cfg.eval_inner_steps, classification=exp.classification, generator=gen,
@@ -68,5 +72,5 @@ def run_evaluate(args: argparse.Namespace) -> int:
         record = {**result.as_dict(), "checkpoint": str(args.checkpoint), "split": args.split, "ways": cfg.ways,
                   "shots": cfg.shots, "queries": cfg.queries, "algorithm": cfg.algorithm, "dataset": cfg.dataset,
                   "batchnorm": BATCHNORM_PROTOCOL}
-        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
+        Path(args.json).write_text(strict_json(record, indent=2) + "\n")
     return 0

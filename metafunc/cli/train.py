@@ -5,15 +5,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from metafunc import distributed
+from metafunc._shared import atomic_write_text, strict_json
 from metafunc.cli.options import train_config_from_args
 from metafunc.train import (
+    EXIT_CHECKPOINT,
+    EXIT_NONFINITE,
+    EXIT_PREEMPTED,
+    CheckpointError,
+    NonFiniteError,
+    Preempted,
     default_is_main,
     load_checkpoint,
     plot_sinusoid_adaptation,
@@ -69,6 +75,8 @@ def run_train(args: argparse.Namespace) -> int:
             is_main = info.is_main
             dist_kwargs = dict(wrap_step=distributed.sharded, train_source=lambda src:
                                distributed.ShardedSource(src, rank=info.rank, world_size=info.world_size))
+            if info.distributed:
+                dist_kwargs.update(sync_flag=distributed.any_rank, barrier=distributed.barrier)
             if is_main and info.distributed:
                 print(f"metafunc train: {info.world_size} processes ({info.backend}), meta-batch {cfg.meta_batch} "
                       f"split {distributed.shard_sizes(cfg.meta_batch, info.world_size)}, timeout "
@@ -78,6 +86,13 @@ def run_train(args: argparse.Namespace) -> int:
                   f"{cfg.meta_batch}, inner lr {cfg.inner_lr} x {cfg.inner_steps} step(s), Adam {cfg.outer_lr}, "
                   f"device {cfg.device}, out {cfg.out}" + (f" (resuming from {resume})" if resume else ""))
         result = train(cfg, resume=resume, is_main=is_main, progress=progress, **dist_kwargs)
+    except (NonFiniteError, Preempted, CheckpointError) as e:
+        status = {NonFiniteError: EXIT_NONFINITE, Preempted: EXIT_PREEMPTED, CheckpointError: EXIT_CHECKPOINT}[type(e)]
+        if is_main or not isinstance(e, Preempted):
+            print(f"metafunc train: {'stopped' if isinstance(e, Preempted) else 'error'}: "
+                  f"{str(e).removeprefix('train: ')}", file=sys.stderr, flush=True)
+        distributed.shutdown_distributed()
+        return status
     except distributed.DistributedError as e:  # a rank died or hung: say so, exit non-zero (checkpoint intact)
         print(f"metafunc train: error: {e}", file=sys.stderr, flush=True)
         import torch.distributed as torch_distributed
@@ -98,7 +113,7 @@ def run_train(args: argparse.Namespace) -> int:
         baseline = pretrain_baseline(cfg, progress=progress)
         comparison = sinusoid_comparison(result, baseline, episodes=args.eval_episodes)
         print(comparison.table())
-        (out / "sinusoid_results.json").write_text(json.dumps(comparison.as_dict(), indent=2) + "\n")
+        atomic_write_text(out / "sinusoid_results.json", strict_json(comparison.as_dict(), indent=2) + "\n")
         fig = plot_sinusoid_adaptation(result, baseline, out / "sinusoid_adaptation.png")
         print(f"results {out / 'sinusoid_results.json'}, figure {fig}")
     else:

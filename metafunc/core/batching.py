@@ -14,7 +14,8 @@ from metafunc._shared import check_choice, check_steps, under_func_transform
 from metafunc.core.task_function import checks_of, per_task_function
 from metafunc.core.types import Metrics, Params, PerTaskFn, Task, check_task
 
-__all__ = ["meta_batch", "resolve_mode", "task_memory_estimate", "MODES", "Mode", "checked_tasks", "check_batching_options"]
+__all__ = ["meta_batch", "resolve_mode", "task_memory_estimate", "MODES", "Mode", "checked_tasks", "check_batching_options",
+           "check_finite_tasks"]
 
 Mode = Literal["auto", "vmap", "loop"]
 """How a meta-batch runs: ``"vmap"``, ``"loop"``, or ``"auto"`` (one of them per device and model size)."""
@@ -130,6 +131,27 @@ def check_batching_options(caller: str, mode: str, chunk_size: int | None) -> No
         check_steps(caller, "chunk_size", chunk_size)
 
 
+def check_finite_tasks(caller: str, tasks: Task) -> None:
+    """Refuse NaN or inf in a meta-batch's floating-point tensors (inputs, and regression targets), naming the first
+    task and tensor that hold one; one reduction per tensor.
+
+    Example:
+        >>> from metafunc import Task
+        >>> x = torch.zeros(3, 2, 1)
+        >>> x[1, 0, 0] = float("nan")
+        >>> check_finite_tasks("meta_batch", Task(x, x, x, x))
+        Traceback (most recent call last):
+        ...
+        ValueError: meta_batch: task 1 has NaN or inf in support_x; clean or drop that task (or pass validate=False to skip this check)
+    """
+    for name, t in zip(Task._fields, tasks):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            per_task = torch.isfinite(t.reshape(t.shape[0], -1)).all(1)
+            index = int((~per_task).nonzero()[0, 0])
+            raise ValueError(f"{caller}: task {index} has NaN or inf in {name}; clean or drop that task (or pass "
+                             "validate=False to skip this check)")
+
+
 def checked_tasks(caller: str, per_task: Callable, params: Params, tasks: Task, *, mode: str, validate: bool) -> Task:
     """The eager checks before any transform: task shapes, then the learner's own checks (labels, parameter names,
     models refused under vmap at second order) carried by a :class:`metafunc.TaskFunction`; a plain callable gets
@@ -145,6 +167,7 @@ def checked_tasks(caller: str, per_task: Callable, params: Params, tasks: Task, 
     if not validate:
         return Task(*tasks)
     tasks = check_task(tasks, caller=caller)
+    check_finite_tasks(caller, tasks)
     learner_check, _ = checks_of(per_task)
     if learner_check is not None:
         learner_check(params, tasks, vmapped=mode != "loop")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from metafunc._shared import strict_json
 from metafunc.core.functional import functionalize
 from metafunc.registry import LEARNERS
 from metafunc.step import apply_grads, meta_value_and_grad
@@ -213,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                "final_train_accuracy": (sum(r["accuracy"] for r in records[-50:]) / len(records[-50:])
                                         if records else None)}
     tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
+    tmp.write_text(strict_json(summary, indent=2))
     os.replace(tmp, out / "results.json")
     print(f"{args.algorithm} {args.ways}-way {args.shots}-shot held-out domains: {result.format()}")
     return summary

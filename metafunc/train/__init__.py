@@ -11,11 +11,23 @@ Example:
 
 from metafunc.data.sinusoid import SinusoidSource
 from metafunc.data.synthetic import GaussianClassification
-from metafunc.train.checkpoint import check_compatible, load_checkpoint, save_checkpoint
+from metafunc.train.checkpoint import CheckpointError, check_compatible, load_checkpoint, previous_path, save_checkpoint
 from metafunc.train.config import DATASET_DEFAULTS, DATASETS, RESUME_KEYS, TrainConfig, resolve_config
 from metafunc.train.evaluation import BATCHNORM_PROTOCOL, EvalResult, TaskSource, evaluate_episodes
 from metafunc.train.experiment import Experiment, build_experiment, build_learner, learner_options
-from metafunc.train.loop import TrainResult, checkpoint_state, default_is_main, restore_checkpoint, train, trainer_step
+from metafunc.train.loop import (
+    EXIT_CHECKPOINT,
+    EXIT_NONFINITE,
+    EXIT_PREEMPTED,
+    NonFiniteError,
+    Preempted,
+    TrainResult,
+    checkpoint_state,
+    default_is_main,
+    restore_checkpoint,
+    train,
+    trainer_step,
+)
 from metafunc.train.plots import plot_learning_curve, save_figure
 from metafunc.train.sinusoid_baseline import (
     SINUSOID_EVAL_STEPS,
@@ -29,7 +41,8 @@ __all__ = [
     "TrainConfig", "DATASETS", "DATASET_DEFAULTS", "RESUME_KEYS", "resolve_config",
     "Experiment", "build_experiment", "build_learner", "learner_options",
     "TrainResult", "train", "trainer_step", "default_is_main", "checkpoint_state", "restore_checkpoint",
-    "save_checkpoint", "load_checkpoint", "check_compatible",
+    "save_checkpoint", "load_checkpoint", "check_compatible", "CheckpointError", "previous_path",
+    "NonFiniteError", "Preempted", "EXIT_NONFINITE", "EXIT_PREEMPTED", "EXIT_CHECKPOINT",
     "EvalResult", "TaskSource", "evaluate_episodes", "BATCHNORM_PROTOCOL",
     "plot_learning_curve", "save_figure",
     "SINUSOID_EVAL_STEPS", "SinusoidComparison", "pretrain_baseline", "sinusoid_comparison", "plot_sinusoid_adaptation",

@@ -71,6 +71,10 @@ class TrainConfig:
     out: str | None = None
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
     """The learner's own options (``metafunc.LEARNERS[algorithm].options``: ``lam``, ``checkpoints``, ...)."""
+    on_nonfinite: str = "stop"
+    """A non-finite meta-loss or meta-gradient: ``"stop"`` the run (exit status 3), or ``"skip"`` the step."""
+    max_nonfinite: int = 10
+    """With ``on_nonfinite="skip"``: the run stops once this many steps have been skipped."""
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict of the settings."""
@@ -150,6 +154,8 @@ def resolve_config(config: TrainConfig) -> ResolvedConfig:
     if cfg.dataset == "sinusoid" and not LEARNERS[cfg.algorithm].needs_head:
         raise ValueError(f"train: algorithm {cfg.algorithm!r} is a few-shot classifier; use it with --dataset "
                          "omniglot (or synthetic), not sinusoid regression")
+    check_choice("train", "on_nonfinite", cfg.on_nonfinite, ("stop", "skip"))
+    check_steps("train", "max_nonfinite", cfg.max_nonfinite)
     if not isinstance(cfg.options, dict):
         raise TypeError(f"train: options must be a dict of the learner's options (got {type(cfg.options).__name__})")
     own = {o.name for o in LEARNERS[cfg.algorithm].options}

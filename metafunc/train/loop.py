@@ -11,19 +11,32 @@ The pieces, each replaceable:
 
 A run is fully determined by its :class:`TrainConfig`; its checkpoint stores the meta-parameters, the optimizer state
 and the generator states, so ``train(config, resume=True)`` continues bit for bit where it stopped.
+
+Long runs lose nothing:
+
+* a non-finite meta-loss or meta-gradient is caught before it is applied (one reduction per step) and stops the run
+  with :class:`NonFiniteError` (``metafunc train`` exits with :data:`EXIT_NONFINITE`), or, with
+  ``on_nonfinite="skip"``, skips that step and logs it, up to ``max_nonfinite`` steps;
+* SIGTERM, SIGINT and SIGUSR1 (SLURM's pre-timeout signal) let the current meta-step finish, then the run writes a
+  checkpoint, flushes its logs and raises :class:`Preempted` (:data:`EXIT_PREEMPTED`); ``--resume`` continues bit for
+  bit. Under ``torchrun`` every rank stops at the same step (``sync_flag``) and rank 0 writes the checkpoint;
+* a checkpoint that cannot be written (disk full, permission denied) keeps the previous one and raises
+  :class:`metafunc.train.checkpoint.CheckpointError` (:data:`EXIT_CHECKPOINT`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 import torch
 
-from metafunc._shared import atomic_write_text
+from metafunc._shared import atomic_write_text, strict_json
 from metafunc.core.types import Params
 from metafunc.step import MetaStep, apply_grads, meta_value_and_grad
 from metafunc.train.checkpoint import check_compatible, load_checkpoint, save_checkpoint
@@ -32,7 +45,91 @@ from metafunc.train.evaluation import TaskSource, evaluate_episodes
 from metafunc.train.experiment import Experiment, build_experiment
 from metafunc.train.plots import plot_learning_curve
 
-__all__ = ["TrainResult", "train", "default_is_main", "checkpoint_state", "restore_checkpoint", "trainer_step"]
+__all__ = ["TrainResult", "train", "default_is_main", "checkpoint_state", "restore_checkpoint", "trainer_step",
+           "NonFiniteError", "Preempted", "EXIT_NONFINITE", "EXIT_PREEMPTED", "EXIT_CHECKPOINT", "STOP_SIGNALS",
+           "nonfinite_quantity"]
+
+EXIT_NONFINITE = 3
+"""``metafunc train``'s exit status when the meta-loss or meta-gradient stopped being finite."""
+EXIT_CHECKPOINT = 4
+"""``metafunc train``'s exit status when a checkpoint could not be written (the previous one is intact)."""
+EXIT_PREEMPTED = 75
+"""``metafunc train``'s exit status after a stop signal: a checkpoint was written; restart with ``--resume``
+(75 is ``EX_TEMPFAIL``: a temporary failure, try again)."""
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR1") if hasattr(signal, name))
+"""The signals that make a run stop cleanly at the end of the current meta-step."""
+
+
+class NonFiniteError(RuntimeError):
+    """The meta-loss or meta-gradient is NaN or infinite; nothing of that step was applied.
+
+    Example:
+        >>> NonFiniteError("meta-loss at iteration 3", iteration=3, checkpoint=None).iteration
+        3
+    """
+
+    def __init__(self, message: str, *, iteration: int, checkpoint: str | None):
+        super().__init__(message)
+        self.iteration, self.checkpoint = iteration, checkpoint
+
+
+class Preempted(RuntimeError):
+    """A stop signal arrived; the run finished its meta-step and wrote a checkpoint at ``iteration``.
+
+    Example:
+        >>> Preempted("SIGTERM", iteration=17, checkpoint="runs/x/checkpoint.pt").iteration
+        17
+    """
+
+    def __init__(self, message: str, *, iteration: int, checkpoint: str | None):
+        super().__init__(message)
+        self.iteration, self.checkpoint = iteration, checkpoint
+
+
+def nonfinite_quantity(loss: torch.Tensor, grads: Params) -> str | None:
+    """``None`` when the meta-loss and every meta-gradient are finite, else what is not (``"meta-loss"`` or
+    ``"meta-gradient of head.weight, ..."``). The common case costs one reduction and one host sync.
+
+    Example:
+        >>> nonfinite_quantity(torch.tensor(1.0), {"w": torch.ones(2)}) is None
+        True
+        >>> nonfinite_quantity(torch.tensor(1.0), {"w": torch.tensor([1.0, float("nan")])})
+        'meta-gradient of w'
+    """
+    total = torch.stack([g.sum() for g in grads.values()]).sum() if grads else torch.zeros(())
+    if bool(torch.isfinite(loss.detach() + total.to(loss.dtype))):
+        return None
+    if not bool(torch.isfinite(loss.detach())):
+        return "meta-loss"
+    bad = [k for k, g in grads.items() if not bool(torch.isfinite(g).all())]
+    return "meta-gradient of " + ", ".join(bad[:6]) + (" ..." if len(bad) > 6 else "")
+
+
+class _StopSignals:
+    """Turns SIGTERM/SIGINT/SIGUSR1 into a flag that the loop reads after each meta-step (main thread only); a
+    second signal of the same run restores the previous handlers' behaviour and re-raises it."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None:  # a second signal: stop now, the usual way
+            self.__exit__()
+            signal.raise_signal(signum)
+            return
+        self.received = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
 
 
 def trainer_step(exp: Experiment, cfg: ResolvedConfig) -> MetaStep:
@@ -150,7 +247,9 @@ def train(config: TrainConfig, *, resume: bool | str | os.PathLike = False,
           is_main: bool | None = None, progress: bool = True,
           stop_after: int | None = None,
           train_source: Callable[[TaskSource], TaskSource] | None = None,
-          wrap_step: Callable[[MetaStep], MetaStep] | None = None) -> TrainResult:
+          wrap_step: Callable[[MetaStep], MetaStep] | None = None,
+          sync_flag: Callable[[bool], bool] | None = None,
+          barrier: Callable[[], None] | None = None) -> TrainResult:
     """Meta-train ``config.algorithm`` on ``config.dataset`` with Adam(``outer_lr``) for ``config.iterations``.
 
     Writes to ``config.out`` (main process only): ``config.json``, ``metrics.jsonl`` (one JSON record per
@@ -161,7 +260,15 @@ def train(config: TrainConfig, *, resume: bool | str | os.PathLike = False,
     (as if interrupted; used to test resuming). ``train_source`` wraps the training task source: a distributed run
     passes ``lambda src: metafunc.distributed.ShardedSource(src, rank=r, world_size=n)`` so that each rank draws
     only its share of every meta-batch, and ``wrap_step=metafunc.distributed.sharded`` so that every rank's step
-    returns the whole meta-batch's meta-gradient. Each iteration takes one :func:`trainer_step`. ``config.threads`` is applied by the ``metafunc`` command, not here
+    returns the whole meta-batch's meta-gradient. Each iteration takes one :func:`trainer_step`. Under ``torchrun``
+    ``sync_flag(flag) -> bool`` (true if any rank's flag is) makes every rank stop at the same step after a signal,
+    and ``barrier()`` holds the other ranks until rank 0 has written that checkpoint.
+
+    Failures (see the module's docstring): :class:`NonFiniteError` (nothing of the bad step applied, the last
+    checkpoint kept), :class:`Preempted` (a checkpoint written at the step it stopped),
+    :class:`metafunc.train.checkpoint.CheckpointError` (the previous checkpoint intact). Each skipped step (with
+    ``on_nonfinite="skip"``) is logged as ``{"iteration": i, "split": "train", "skipped": "nonfinite", "quantity":
+    ..., "objective": null}``; in ``metrics.jsonl`` a non-finite number is always written as ``null``. ``config.threads`` is applied by the ``metafunc`` command, not here
     (a library call leaves torch's thread count alone).
 
     Example:
@@ -196,8 +303,8 @@ def train(config: TrainConfig, *, resume: bool | str | os.PathLike = False,
     metrics_file = None
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
-        atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+        atomic_write_text(out / "config.json", strict_json(cfg.to_dict(), indent=2) + "\n")
+        atomic_write_text(out / "metrics.jsonl", "".join(strict_json(r) + "\n" for r in records))
         metrics_file = open(out / "metrics.jsonl", "a")
     step = trainer_step(exp, cfg)
     if wrap_step is not None:
@@ -209,42 +316,90 @@ def train(config: TrainConfig, *, resume: bool | str | os.PathLike = False,
         bar = tqdm(total=cfg.iterations, initial=start, desc=f"{cfg.algorithm} {cfg.dataset}", dynamic_ncols=True)
     t0 = time.perf_counter()
     last_val: dict[str, Any] | None = next((r for r in reversed(records) if r.get("split") == "val"), None)
-    try:
-        for it in range(start, end):
-            tasks = exp.sources["train"].sample(cfg.meta_batch, generator)
-            objective, metrics, grads = step(params, tasks)
-            apply_grads(params, grads)
-            optimizer.step()
-            rec: dict[str, Any] = {"iteration": it + 1, "split": "train", "objective": float(objective)}
-            rec.update({k: float(v) for k, v in metrics.items()})
-            records.append(rec)
-            if metrics_file is not None:
-                metrics_file.write(json.dumps(rec) + "\n")
-            done = it + 1
-            if is_main and ((cfg.val_every and done % cfg.val_every == 0) or done == cfg.iterations):
-                last_val = _validate(exp, cfg, params, done)
-                records.append(last_val)
-                if metrics_file is not None:
-                    metrics_file.write(json.dumps(last_val) + "\n")
-            if metrics_file is not None:
-                metrics_file.flush()
-            if bar is not None:
-                post = {"loss": f"{rec.get('loss', rec['objective']):.3f}"}
-                if "accuracy" in rec:
-                    post["acc"] = f"{rec['accuracy']:.3f}"
-                if last_val is not None:
-                    key = "accuracy" if exp.classification else "mse"
-                    post[f"val_{key}"] = f"{last_val[key]:.3f}"
-                bar.set_postfix(post, refresh=False)
-                bar.update(1)
-            if is_main and ((cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == end):
-                save_checkpoint(out / "checkpoint.pt", checkpoint_state(
-                    cfg, done, params, optimizer, generator, records, seconds + time.perf_counter() - t0))
-    finally:
-        if bar is not None:
-            bar.close()
+    ckpt_path = out / "checkpoint.pt"
+    last_good: tuple[str, int] | None = (str(path), start) if resume else None
+    skipped = 0
+
+    def write_checkpoint(done: int) -> None:
+        nonlocal last_good
+        save_checkpoint(ckpt_path, checkpoint_state(cfg, done, params, optimizer, generator, records,
+                                                    seconds + time.perf_counter() - t0))
+        last_good = (str(ckpt_path), done)
+
+    def log(record: dict[str, Any]) -> None:
+        records.append(record)
         if metrics_file is not None:
-            metrics_file.close()
+            metrics_file.write(strict_json(record) + "\n")
+
+    with _StopSignals() as signals:
+        try:
+            for it in range(start, end):
+                done = it + 1
+                before_step = generator.get_state()   # to save the state after iteration ``it`` if this step is bad
+                tasks = exp.sources["train"].sample(cfg.meta_batch, generator)
+                objective, metrics, grads = step(params, tasks)
+                bad = nonfinite_quantity(objective, grads)
+                rec: dict[str, Any] = {"iteration": done, "split": "train", "objective": float(objective)}
+                rec.update({k: float(v) for k, v in metrics.items()})
+                if bad is None:
+                    apply_grads(params, grads)
+                    optimizer.step()
+                else:
+                    if cfg.on_nonfinite == "stop" or skipped >= cfg.max_nonfinite:
+                        if is_main and it > (last_good[1] if last_good else start - 1) and it > 0:
+                            generator.set_state(before_step)   # the state after iteration ``it``, all finite
+                            write_checkpoint(it)
+                        kept = (f"the last good state (iteration {last_good[1]}) is in {last_good[0]}" if last_good
+                                else "no checkpoint was written (no step was applied)")
+                        why = ("the run stopped" if cfg.on_nonfinite == "stop" else
+                               f"{skipped} non-finite steps were skipped already (--max-nonfinite {cfg.max_nonfinite})")
+                        if metrics_file is not None:
+                            metrics_file.flush()
+                        if barrier is not None:
+                            barrier()   # every rank saw the same all-reduced values; wait for rank 0's checkpoint
+                        raise NonFiniteError(
+                            f"train: the {bad} is not finite at iteration {done}; the step was not applied and {why}. "
+                            f"{kept.capitalize()}. Lower --outer-lr or --inner-lr (now {cfg.outer_lr:g} and "
+                            f"{cfg.inner_lr:g}), or pass --on-nonfinite skip to skip such steps",
+                            iteration=done, checkpoint=last_good[0] if last_good else None)
+                    skipped += 1
+                    rec.update({"skipped": "nonfinite", "quantity": bad})
+                    if bar is not None:
+                        bar.write(f"train: iteration {done}: the {bad} is not finite; step skipped "
+                                  f"({skipped} of at most {cfg.max_nonfinite})")
+                log(rec)
+                if is_main and ((cfg.val_every and done % cfg.val_every == 0) or done == cfg.iterations):
+                    last_val = _validate(exp, cfg, params, done)
+                    log(last_val)
+                if metrics_file is not None:
+                    metrics_file.flush()
+                if bar is not None:
+                    post = {"loss": f"{rec.get('loss', rec['objective']):.3f}"}
+                    if "accuracy" in rec:
+                        post["acc"] = f"{rec['accuracy']:.3f}"
+                    if last_val is not None:
+                        key = "accuracy" if exp.classification else "mse"
+                        post[f"val_{key}"] = f"{last_val[key]:.3f}"
+                    bar.set_postfix(post, refresh=False)
+                    bar.update(1)
+                stop = signals.received is not None
+                if sync_flag is not None:
+                    stop = sync_flag(stop)
+                periodic = (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == end
+                if is_main and (periodic or stop):
+                    write_checkpoint(done)
+                if stop and done < end:
+                    if barrier is not None:
+                        barrier()   # the other ranks wait until rank 0's checkpoint is on disk
+                    name = signal.Signals(signals.received).name if signals.received is not None else "another rank"
+                    raise Preempted(f"train: stopped by {name} after iteration {done} of {cfg.iterations}; "
+                                    f"checkpoint {ckpt_path} written; continue with --resume",
+                                    iteration=done, checkpoint=str(ckpt_path))
+        finally:
+            if bar is not None:
+                bar.close()
+            if metrics_file is not None:
+                metrics_file.close()
     seconds += time.perf_counter() - t0
     if is_main and end == cfg.iterations:
         plot_learning_curve(records, out / "learning_curve.png", title=f"{cfg.algorithm} on {cfg.dataset}")
