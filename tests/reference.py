@@ -1,7 +1,11 @@
 """Plain ``torch.autograd`` references for every gradient path, written without metafunc's code.
 
 Everything here works on the ``nn.Module`` itself through :func:`torch.func.functional_call`, loops over tasks in
-Python, and differentiates with ``torch.autograd.grad(create_graph=True)``. Other engineers' tests import it:
+Python, and differentiates with ``torch.autograd.grad(create_graph=True)``. The modules it is run on are built from
+torch's own layers (:func:`torch_conv4`, :func:`torch_mlp`: ``nn.BatchNorm2d(track_running_stats=False)``,
+``nn.GroupNorm``, ``nn.InstanceNorm2d``, ``nn.LayerNorm``), never from metafunc's, and results are judged with
+:func:`relative_error`, written here, so a bug in metafunc's norm layers or tree helpers cannot pass. Other
+engineers' tests import it:
 
     >>> from reference import reference_meta_gradient   # pytest puts tests/ on sys.path
     >>> grads = reference_meta_gradient(module, params, tasks, algorithm="maml", inner_lr=0.1, steps=1,
@@ -32,7 +36,54 @@ __all__ = [
     "reference_meta_loss_value",
     "finite_difference_gradient",
     "loss_function",
+    "relative_error",
+    "torch_conv4",
+    "torch_mlp",
 ]
+
+
+def relative_error(got: dict[str, Tensor], want: dict[str, Tensor]) -> float:
+    """``||got - want|| / ||want||`` over every entry of two dicts with the same keys (a missing key fails)."""
+    assert set(got) == set(want), (sorted(set(got) ^ set(want)))[:6]
+    num = sum(float(((got[k].double() - want[k].double()) ** 2).sum()) for k in want)
+    den = sum(float((want[k].double() ** 2).sum()) for k in want)
+    return (num ** 0.5) / max(den ** 0.5, 1e-300)
+
+
+class _Classifier(nn.Module):
+    def __init__(self, features: nn.Module, head: nn.Module):
+        super().__init__()
+        self.features, self.head = features, head
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+
+def torch_conv4(ways: int, *, width: int = 4, image_size: int = 28, norm: str = "batch") -> nn.Module:
+    """Conv-4 (3x3 conv, norm, ReLU, 2x2 max-pool; four times) and a linear ``head``, from torch's layers only:
+    ``norm`` is ``"batch"`` (``nn.BatchNorm2d(track_running_stats=False)``, batch statistics as in MAML),
+    ``"group"`` (``nn.GroupNorm(2, width)``) or ``"instance"`` (``nn.InstanceNorm2d(affine=True)``)."""
+    def norm_layer() -> nn.Module:
+        return {"batch": lambda: nn.BatchNorm2d(width, track_running_stats=False),
+                "group": lambda: nn.GroupNorm(2, width),
+                "instance": lambda: nn.InstanceNorm2d(width, affine=True)}[norm]()
+
+    layers: list[nn.Module] = []
+    channels, size = 1, image_size
+    for _ in range(4):
+        layers += [nn.Conv2d(channels, width, 3, padding=1), norm_layer(), nn.ReLU(), nn.MaxPool2d(2)]
+        channels, size = width, size // 2
+    return _Classifier(nn.Sequential(*layers, nn.Flatten()), nn.Linear(width * size * size, ways))
+
+
+def torch_mlp(in_features: int, hidden: Sequence[int], out_features: int, *, layer_norm: bool = False) -> nn.Module:
+    """A ReLU MLP with ``nn.LayerNorm`` after each hidden linear layer (``layer_norm=True``) and a linear ``head``."""
+    layers: list[nn.Module] = []
+    width = in_features
+    for h in hidden:
+        layers += [nn.Linear(width, h)] + ([nn.LayerNorm(h)] if layer_norm else []) + [nn.ReLU()]
+        width = h
+    return _Classifier(nn.Sequential(*layers), nn.Linear(width, out_features))
 
 ALGORITHMS = ("maml", "fomaml", "anil", "boil", "meta_sgd", "reptile")
 LR_PREFIX = "inner_lr/"  # Meta-SGD's learning-rate names, spelled here on purpose (not imported from metafunc)

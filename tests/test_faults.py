@@ -25,9 +25,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import strict_json_lines
 
 import metafunc as mf
-from conftest import strict_json_lines
 from metafunc.cli import main
 from metafunc.train import (
     EXIT_CHECKPOINT,

@@ -1,4 +1,8 @@
-"""Every meta-gradient path of metafunc equals a plain ``torch.autograd`` loop in float64 (rel. error < 1e-10)."""
+"""Every meta-gradient path of metafunc equals a plain ``torch.autograd`` loop in float64 (rel. error < 1e-10).
+
+The reference runs on a module built from torch's own layers (``tests/reference.py``: ``nn.BatchNorm2d``,
+``nn.LayerNorm``), metafunc on ``convert_norm_layers`` of a copy of it (same weights and names, metafunc's exact
+norm layers), and the two are compared with the reference's own ``relative_error``."""
 
 from __future__ import annotations
 
@@ -8,7 +12,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from learner_cases import classification_tasks, feature_tasks, regression_tasks
-from reference import finite_difference_gradient, reference_meta_gradient, reference_meta_loss_value
+from reference import (
+    finite_difference_gradient,
+    reference_meta_gradient,
+    reference_meta_loss_value,
+    relative_error,
+    torch_conv4,
+    torch_mlp,
+)
 from torch import nn
 
 from metafunc import (
@@ -16,25 +27,24 @@ from metafunc import (
     Task,
     anil,
     boil,
+    convert_norm_layers,
     fomaml,
     functionalize,
     maml,
     meta_batch,
     meta_sgd,
-    models,
     reptile,
 )
-from metafunc.core.tree import tree_relative_error
 
 FACTORIES = {"maml": maml, "fomaml": fomaml, "anil": anil, "boil": boil, "meta_sgd": meta_sgd, "reptile": reptile}
 
-# name -> (module builder, tasks builder, loss, inner learning rate)
+# name -> (torch module builder, tasks builder, loss, inner learning rate)
 SETTINGS = {
-    "conv4-batchnorm": (lambda: models.conv4(2, width=4, image_size=28, norm="batch"),
+    "conv4-batchnorm": (lambda: torch_conv4(2, width=4, image_size=28, norm="batch"),
                         classification_tasks(ways=2, shots=1, queries=1, image_size=28), "cross_entropy", 0.3),
-    "mlp-layernorm": (lambda: models.mlp(4, (8, 8), 3, norm="layer"), feature_tasks(features=4, ways=3),
+    "mlp-layernorm": (lambda: torch_mlp(4, (8, 8), 3, layer_norm=True), feature_tasks(features=4, ways=3),
                       "cross_entropy", 0.3),
-    "mlp": (lambda: models.mlp(1, (8, 8), 1), regression_tasks(shots=5, queries=5), "mse", 0.05),
+    "mlp": (lambda: torch_mlp(1, (8, 8), 1), regression_tasks(shots=5, queries=5), "mse", 0.05),
 }
 
 
@@ -47,7 +57,8 @@ def _setup(model_name: str, *, seed: int = 0, num_tasks: int = 2):
 
 
 def _learner(algorithm: str, module: nn.Module, *, loss, lr: float, steps: int):
-    model, params = functionalize(module)
+    """metafunc's learner on ``convert_norm_layers(module)`` (a copy; torch's module stays the reference's)."""
+    model, params = functionalize(convert_norm_layers(module))
     learner = FACTORIES[algorithm](model, inner_lr=lr, steps=steps, loss=loss)
     meta_params = learner.init(params)
     if algorithm == "meta_sgd":
@@ -81,7 +92,7 @@ def test_meta_gradient_equals_autograd_reference(algorithm, model_name, steps, m
     learner, params, tasks, reference = _case(algorithm, model_name, steps)
     grads = _metafunc_gradient(learner, params, tasks, mode=mode)
     assert sum(float(g.norm()) for g in reference.values()) > 0
-    assert tree_relative_error(grads, reference) < 1e-10
+    assert relative_error(grads, reference) < 1e-10
 
 
 @pytest.mark.parametrize("algorithm", list(FACTORIES))
@@ -90,13 +101,13 @@ def test_chunked_vmap_equals_reference(algorithm):
     learner, params = _learner(algorithm, module, loss=loss, lr=lr, steps=2)
     reference = reference_meta_gradient(module, params, tasks, algorithm=algorithm, inner_lr=lr, steps=2, loss=loss)
     grads = _metafunc_gradient(learner, params, tasks, mode="vmap", chunk_size=2)
-    assert tree_relative_error(grads, reference) < 1e-10
+    assert relative_error(grads, reference) < 1e-10
 
 
 @pytest.mark.parametrize("algorithm", ["maml", "meta_sgd", "anil"])
 def test_second_order_meta_gradient_matches_finite_differences(algorithm):
     torch.manual_seed(3)
-    module = models.mlp(1, (3,), 1, norm="layer").to(torch.float64)
+    module = torch_mlp(1, (3,), 1, layer_norm=True).to(torch.float64)
     tasks = regression_tasks(shots=4, queries=4)(2, torch.Generator().manual_seed(3)).to(dtype=torch.float64)
     learner, params = _learner(algorithm, module, loss="mse", lr=0.1, steps=2)
     grads = _metafunc_gradient(learner, params, tasks, mode="vmap")
@@ -104,13 +115,13 @@ def test_second_order_meta_gradient_matches_finite_differences(algorithm):
         lambda p: reference_meta_loss_value(module, p, tasks, algorithm=algorithm, inner_lr=0.1, steps=2, loss="mse"),
         params,
     )
-    assert tree_relative_error(grads, numeric) < 1e-6
+    assert relative_error(grads, numeric) < 1e-6
     # And the finite differences can tell second order from first order on this model.
     first = _metafunc_gradient(fomaml(learner.model, inner_lr=0.1, steps=2, loss="mse"),
                                {k: v for k, v in params.items() if not k.startswith(META_SGD_LR_PREFIX)},
                                tasks, mode="vmap")
     if algorithm == "maml":
-        assert tree_relative_error(first, numeric) > 1e-3
+        assert relative_error(first, numeric) > 1e-3
 
 
 # --- first order against second order -------------------------------------------------------------------------
@@ -166,19 +177,19 @@ def test_first_and_second_order_agree_when_the_support_loss_is_linear(mode):
 
     second = _metafunc_gradient(maml(model, inner_lr=0.5, steps=3, loss=linear_loss), params, tasks, mode=mode)
     first = _metafunc_gradient(fomaml(model, inner_lr=0.5, steps=3, loss=linear_loss), params, tasks, mode=mode)
-    assert tree_relative_error(second, first) < 1e-12
+    assert relative_error(second, first) < 1e-12
 
 
 @pytest.mark.parametrize("model_name", ["conv4-batchnorm", "mlp-layernorm"])
 def test_first_and_second_order_differ_on_a_nonlinear_model(model_name):
     module, tasks, loss, lr = _setup(model_name)
-    model, params = functionalize(module)
+    model, params = functionalize(convert_norm_layers(module))
     second = _metafunc_gradient(maml(model, inner_lr=lr, steps=1, loss=loss), params, tasks, mode="vmap")
     first = _metafunc_gradient(fomaml(model, inner_lr=lr, steps=1, loss=loss), params, tasks, mode="vmap")
     first_flag = _metafunc_gradient(maml(model, inner_lr=lr, steps=1, loss=loss, first_order=True), params, tasks,
                                     mode="loop")
-    assert tree_relative_error(first, second) > 1e-3
-    assert tree_relative_error(first_flag, first) < 1e-12
+    assert relative_error(first, second) > 1e-3
+    assert relative_error(first_flag, first) < 1e-12
 
 
 # --- Meta-SGD learns its learning rates ----------------------------------------------------------------------
@@ -187,7 +198,7 @@ def test_first_and_second_order_differ_on_a_nonlinear_model(model_name):
 @pytest.mark.parametrize("mode", ["vmap", "loop"])
 def test_meta_sgd_learning_rates_get_gradients_and_change_after_an_outer_step(mode):
     module, tasks, loss, lr = _setup("mlp-layernorm")
-    model, params = functionalize(module)
+    model, params = functionalize(convert_norm_layers(module))
     learner = meta_sgd(model, inner_lr=lr, steps=2, loss=loss)
     meta_params = learner.init(params)
     rates = {k: v for k, v in meta_params.items() if k.startswith(META_SGD_LR_PREFIX)}
@@ -207,7 +218,7 @@ def test_meta_sgd_learning_rates_get_gradients_and_change_after_an_outer_step(mo
 def test_first_order_meta_sgd_still_learns_its_learning_rates():
     """First order drops the Hessian term, not d phi / d alpha = -grad: the rates must still learn."""
     module, tasks, loss, lr = _setup("mlp-layernorm")
-    model, params = functionalize(module)
+    model, params = functionalize(convert_norm_layers(module))
     learner = meta_sgd(model, inner_lr=lr, steps=2, loss=loss, first_order=True)
     meta_params = learner.init(params)
     grads = _metafunc_gradient(learner, meta_params, tasks, mode="vmap")
@@ -223,7 +234,7 @@ def test_first_order_meta_sgd_still_learns_its_learning_rates():
             fast = {k: v - leaves[META_SGD_LR_PREFIX + k] * gi.detach() for (k, v), gi in zip(fast.items(), g)}
         total = total + F.cross_entropy(torch.func.functional_call(module, fast, (qx,)), qy)
     reference = dict(zip(leaves, torch.autograd.grad(total / tasks.num_tasks, list(leaves.values()))))
-    assert tree_relative_error(grads, reference) < 1e-10
+    assert relative_error(grads, reference) < 1e-10
     assert all(grads[k].abs().sum() > 0 for k in grads if k.startswith(META_SGD_LR_PREFIX))
 
 
@@ -238,19 +249,19 @@ def test_torch_func_grad_of_meta_batch_equals_backward(algorithm, mode):
     tree = torch.func.grad(lambda p: meta_batch(learner.meta_loss, mode=mode)(p, tasks)[0])(detached)
     backward = _metafunc_gradient(learner, params, tasks, mode=mode)
     assert list(tree) == list(params)
-    assert tree_relative_error(tree, backward) < 1e-12
-    assert tree_relative_error(tree, reference) < 1e-10
+    assert relative_error(tree, backward) < 1e-12
+    assert relative_error(tree, reference) < 1e-10
 
 
 @pytest.mark.parametrize("mode", ["vmap", "loop"])
 def test_torch_func_grad_of_first_order_meta_sgd_equals_backward(mode):
     module, tasks, loss, lr = _setup("mlp-layernorm")
-    model, params = functionalize(module)
+    model, params = functionalize(convert_norm_layers(module))
     learner = meta_sgd(model, inner_lr=lr, steps=2, loss=loss, first_order=True)
     meta_params = {k: v.detach() for k, v in learner.init(params).items()}
     tree = torch.func.grad(lambda p: meta_batch(learner.meta_loss, mode=mode)(p, tasks)[0])(meta_params)
     backward = _metafunc_gradient(learner, meta_params, tasks, mode=mode)
-    assert tree_relative_error(tree, backward) < 1e-12
+    assert relative_error(tree, backward) < 1e-12
     assert all(tree[k].abs().sum() > 0 for k in tree if k.startswith(META_SGD_LR_PREFIX))
 
 
@@ -258,7 +269,7 @@ def test_torch_func_grad_of_first_order_meta_sgd_equals_backward(mode):
 def test_reptile_with_sgd_is_the_interpolation_step(mode):
     """torch.optim.SGD(lr=epsilon) on Reptile's meta-loss gives theta + epsilon * mean_i(phi_i - theta)."""
     module, tasks, loss, lr = _setup("mlp-layernorm")
-    model, params = functionalize(module)
+    model, params = functionalize(convert_norm_layers(module))
     learner = reptile(model, inner_lr=lr, steps=3, loss=loss)
     theta = {k: v.detach().clone() for k, v in params.items()}
     adapted = [learner.adapt(theta, *tasks.task_at(i)[:2])[0] for i in range(tasks.num_tasks)]
@@ -266,4 +277,4 @@ def test_reptile_with_sgd_is_the_interpolation_step(mode):
     meta_batch(learner.meta_loss, mode=mode)(params, tasks)[0].backward()
     optimizer.step()
     expected = {k: theta[k] + 0.25 * torch.stack([phi[k] - theta[k] for phi in adapted]).mean(0) for k in theta}
-    assert tree_relative_error({k: v.detach() for k, v in params.items()}, expected) < 1e-12
+    assert relative_error({k: v.detach() for k, v in params.items()}, expected) < 1e-12
