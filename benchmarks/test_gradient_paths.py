@@ -2,11 +2,14 @@
 
 The same cases as ``metafunc bench --model conv4``; each case first checks what it computes against the exact
 (unrolled) meta-gradient on the same parameters and tasks, then times one meta-step (forward + ``loss.backward()``).
+CI runs it with ``--benchmark-disable`` (the checks, each case once, no timing).
 
     python -m pytest benchmarks/test_gradient_paths.py --benchmark-only
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -21,8 +24,8 @@ CONFIG = BenchConfig(model="conv4", width=16, meta_batch=2, ways=5, shots=1, que
 STEPS = (1, 5, 20)
 
 
-def _meta_step(path: str, steps: int):
-    model, params, tasks = _setup(CONFIG)
+def _meta_step(path: str, steps: int, dtype: str = "float32"):
+    model, params, tasks = _setup(dataclasses.replace(CONFIG, dtype=dtype))
     learner = gradient_path(path, model, inner_lr=CONFIG.inner_lr, steps=steps, loss="cross_entropy")
     step = meta_batch(learner.meta_loss)
 
@@ -46,12 +49,20 @@ def _cosine(a: dict, b: dict) -> float:
 @pytest.mark.parametrize("path", list(GRADIENT_PATHS))
 def test_meta_step(benchmark, path, steps):
     torch.manual_seed(0)
-    run = _meta_step(path, steps)
-    exact = _meta_step("exact", steps)()
-    got = run()
+    # What it computes is checked in float64 (float32 rounding, amplified through 20 inner steps, moved the
+    # checkpointed path's cosine to 1 - 6e-5 with one intra-op thread); the timed step is float32.
+    exact = _meta_step("exact", steps, "float64")()
+    got = _meta_step(path, steps, "float64")()
     cosine = _cosine(got, exact)
+    run = _meta_step(path, steps)
     if path in ("exact", "checkpointed") or (path == "one_step" and steps == 1):
         assert cosine > 1 - 1e-5, cosine
+    elif path == "implicit":
+        # iMAML is the gradient of another objective (the proximally regularised inner problem, solved by 5 CG
+        # iterations), not an approximation of MAML's: its cosine with MAML's was -0.26 (k=1), 0.48 (k=5) and 0.27
+        # (k=20) here. Its exactness is tested against the closed form in tests/test_imaml.py; here it must be a
+        # finite, nonzero direction.
+        assert -1 <= cosine <= 1 and sum(float(g.abs().sum()) for g in got.values()) > 0, cosine
     else:
         assert 0 < cosine < 1, cosine   # an approximation: same direction, not the same gradient
     benchmark.extra_info.update(path=path, steps=steps, cosine_vs_exact=cosine)

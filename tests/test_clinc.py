@@ -135,7 +135,9 @@ def test_pretrained_minilm_matches_transformers_and_separates_intents(data_root)
         ids, mask = tokens[:, 0].long(), tokens[:, 1].long()
         hidden = hf(input_ids=ids, attention_mask=mask).last_hidden_state
         reference = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-    assert (mine - reference).abs().max() < 1e-4
+    error = float((mine - reference).abs().max())
+    print(f"max abs difference to transformers: {error:.2e}")
+    assert error < 2e-6, error   # float32: measured 1.05e-6; docs/metric-learners.md states < 2e-6
     # ProtoNet on the frozen embeddings, 1 support example per class, classifies the other 3 well above chance.
     y = torch.tensor(labels).view(5, 4)
     z = mine.view(5, 4, -1)

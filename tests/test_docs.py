@@ -14,7 +14,7 @@ MKDOCS = ROOT / "mkdocs.yml"
 
 MAIN_COMMAND = "pip install torch==2.13.0 && pip install -e . && metafunc train"
 TEST_COMMAND = ('pip install torch==2.13.0 && pip install -e ".[test,text,docs]" && '
-                "mkdocs build --strict --site-dir /tmp/metafunc-site && python -m pytest -q")
+                "mkdocs build --strict --site-dir /tmp/metafunc-site && python -m pytest -q tests benchmarks --benchmark-disable")
 
 # [text](target) and ![alt](target), with an optional "title"; code spans and fenced blocks are removed first.
 _LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
