@@ -143,3 +143,20 @@ def test_omniglot_train_and_evaluate_on_the_real_data(data_root, tmp_path, capsy
     assert "BatchNorm protocol: transductive" in text
     ckpt = load_checkpoint(out / "checkpoint.pt")
     assert ckpt["params"]["features.0.0.weight"].shape == torch.Size([8, 1, 3, 3])
+
+
+@pytest.mark.parametrize("algorithm", [n for n, s in __import__("metafunc").LEARNERS.items() if s.needs_head])
+def test_a_5_way_checkpoint_with_an_output_layer_evaluates_8_way_with_a_zero_initialised_head(algorithm, tmp_path,
+                                                                                              capsys):
+    out = tmp_path / algorithm
+    assert main(["train", "--dataset", "synthetic", "--algorithm", algorithm, "--iterations", "30", "--width", "16",
+                 "--val-every", "0", "--val-episodes", "4", "--no-progress", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(out / "checkpoint.pt"), "--ways", "8", "--episodes", "40", "--no-progress",
+                 "--json", str(out / "evaluation.json")]) == 0
+    text = capsys.readouterr().out
+    assert "8-way 1-shot" in text
+    assert "the 5-way checkpoint's head is replaced by a zero-initialised 8-way head, adapted in the inner loop" in text
+    result = json.loads((out / "evaluation.json").read_text())
+    assert result["ways"] == 8 and result["trained_ways"] == 5
+    assert result["mean"] > 2 / 8, result                    # chance is 1/8: the new head really adapts

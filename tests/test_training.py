@@ -208,3 +208,27 @@ def test_evaluate_episodes_counts_episodes_and_is_seeded():
     assert a.mean == pytest.approx(b.mean) and a.ci95 == pytest.approx(b.ci95)
     assert "95% CI, 7 episodes, 2 inner steps" in a.format()
     assert BATCHNORM_PROTOCOL == "transductive: BatchNorm uses each task's batch statistics"
+
+
+def test_time_budget_ends_on_time_is_recorded_and_resume_spends_what_is_left(tmp_path):
+    import time
+
+    cfg = _cfg(tmp_path, "budget", iterations=None, time_budget=1.0, val_every=0)
+    start = time.perf_counter()
+    result = train(cfg, progress=False)
+    wall = time.perf_counter() - start
+    steps = [r for r in result.records if r["split"] == "train"]
+    last_step = steps[-1]["train_seconds"] - steps[-2]["train_seconds"]
+    assert 1.0 <= result.train_seconds < 1.0 + last_step + 1e-6      # stops at the first step past the budget
+    assert wall < 1.0 + 20                                            # sampling and validation are not counted
+    assert [r["split"] for r in result.records][-1] == "val"           # validated at the stop
+    saved = load_checkpoint(tmp_path / "budget" / "checkpoint.pt")
+    assert saved["iteration"] == steps[-1]["iteration"] > 5 and saved["time_budget"] == 1.0
+    assert abs(saved["train_seconds"] - result.train_seconds) < 1e-9
+    assert json.loads((tmp_path / "budget" / "config.json").read_text())["time_budget"] == 1.0
+    more = train(_cfg(tmp_path, "budget", iterations=None, time_budget=1.6, val_every=0), resume=True, progress=False)
+    assert 1.6 <= more.train_seconds and more.records[-1]["iteration"] > saved["iteration"]
+    with pytest.raises(ValueError, match=r"has already spent 1\.\d s of its 1\.6 s budget; pass a larger --time-budget"):
+        train(_cfg(tmp_path, "budget", iterations=None, time_budget=1.6, val_every=0), resume=True, progress=False)
+    with pytest.raises(ValueError, match=r"train: time_budget must be > 0 \(got -1\)"):
+        train(_cfg(tmp_path, "bad", time_budget=-1), progress=False)

@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dist-timeout", type=float, default=300.0, metavar="SECONDS",
                    help="under torchrun: a rank that dies or hangs stops the others within this many seconds "
                         "(default 300)")
+    t.add_argument("--time-budget", type=float, metavar="SECONDS",
+                   help="train for this many seconds of meta-steps (sampling, validation and checkpoints excluded), "
+                        "then checkpoint and stop; --iterations becomes an upper bound; --resume continues with what "
+                        "is left of the budget")
     t.add_argument("--on-nonfinite", choices=("stop", "skip"),
                    help="a NaN/inf meta-loss or meta-gradient: stop (default; exit status 3, the last good checkpoint "
                         "kept) or skip that step (logged in metrics.jsonl)")
@@ -138,8 +142,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_evaluate(args)
     except (ValueError, TypeError, FileNotFoundError) as e:
         msg = str(e)
-        if msg.startswith(f"metafunc {args.command}: "):
-            msg = msg[len(f"metafunc {args.command}: "):]
+        for prefix in (f"metafunc {args.command}: ", "train: "):
+            msg = msg.removeprefix(prefix)
         print(f"metafunc {args.command}: error: {msg}", file=sys.stderr)
         return 2
 

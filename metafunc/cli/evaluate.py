@@ -16,6 +16,7 @@ from metafunc.train import (
     check_compatible,
     evaluate_episodes,
     load_checkpoint,
+    new_output_layer,
     resolve_config,
 )
 
@@ -43,13 +44,27 @@ def run_evaluate(args: argparse.Namespace) -> int:
         saved["eval_inner_steps"] = args.inner_steps
     cfg = resolve_config(TrainConfig(**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__}))
     trained_ways = (ckpt.get("config") or {}).get("ways")
-    if LEARNERS[cfg.algorithm].needs_head and cfg.ways != trained_ways and cfg.dataset != "sinusoid":
-        raise ValueError(f"metafunc evaluate: the checkpoint was trained {trained_ways}-way (its head has "
-                         f"{trained_ways} outputs) and cannot be evaluated {cfg.ways}-way with {cfg.algorithm}; "
-                         f"pass --ways {trained_ways} or train a {cfg.ways}-way model")
     exp = build_experiment(cfg)
-    check_compatible(ckpt, exp.params, caller="metafunc evaluate")
-    params = {k: ckpt["params"][k].to(cfg.device) for k in exp.params}
+    head_note = None
+    if LEARNERS[cfg.algorithm].needs_head and cfg.ways != trained_ways and cfg.dataset != "sinusoid":
+        # A new output layer: zero-initialised, adapted in the inner loop (the MAML-family 20-way protocol).
+        saved_params, replaced = new_output_layer(ckpt["params"], exp.params)
+        check_compatible({"params": {k: v for k, v in saved_params.items() if k not in replaced}},
+                         {k: v for k, v in exp.params.items() if k not in replaced}, caller="metafunc evaluate")
+        params = {k: v.to(cfg.device) for k, v in saved_params.items()}
+        head_note = (f"output layer: the {trained_ways}-way checkpoint's head is replaced by a zero-initialised "
+                     f"{cfg.ways}-way head, adapted in the inner loop")
+        if cfg.algorithm == "boil":
+            # BOIL's inner loop leaves the head alone, and a zero head passes no gradient to the body: evaluate it
+            # with every parameter adapted (MAML's inner loop), and say so.
+            exp = exp._replace(learner=LEARNERS["maml"].build(exp.model, inner_lr=cfg.inner_lr, steps=cfg.inner_steps,
+                                                              loss="cross_entropy"))
+            head_note += " (BOIL adapts only the body, so here every parameter adapts, as in MAML)"
+        if any("/" in k for k in replaced):
+            head_note += "; its Meta-SGD learning rates are the mean of the trained head's"
+    else:
+        check_compatible(ckpt, exp.params, caller="metafunc evaluate")
+        params = {k: ckpt["params"][k].to(cfg.device) for k in exp.params}
     bad = [k for k, v in params.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise ValueError(f"metafunc evaluate: the checkpoint's parameters {bad[:6]} are not finite (NaN or inf): the run "
@@ -66,11 +81,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
     adaptation = ("no inner loop" if not LEARNERS[cfg.algorithm].accepts("steps")
                   else f"{cfg.eval_inner_steps} inner steps (lr {cfg.inner_lr})")
     print(f"{setting}, {adaptation}, {args.episodes} {args.split} episodes")
+    if head_note:
+        print(head_note)
     print(result.format() + "  [95% CI = 1.96 * std / sqrt(n)]")
     print(f"BatchNorm protocol: {BATCHNORM_PROTOCOL}")
     if args.json:
         record = {**result.as_dict(), "checkpoint": str(args.checkpoint), "split": args.split, "ways": cfg.ways,
                   "shots": cfg.shots, "queries": cfg.queries, "algorithm": cfg.algorithm, "dataset": cfg.dataset,
-                  "batchnorm": BATCHNORM_PROTOCOL}
+                  "batchnorm": BATCHNORM_PROTOCOL, "trained_ways": trained_ways, "output_layer": head_note}
         Path(args.json).write_text(strict_json(record, indent=2) + "\n")
     return 0

@@ -82,7 +82,8 @@ def run_train(args: argparse.Namespace) -> int:
                       f"split {distributed.shard_sizes(cfg.meta_batch, info.world_size)}, timeout "
                       f"{info.timeout:g} s")
         if is_main:
-            print(f"metafunc train: {cfg.algorithm} on {cfg.dataset}, {cfg.iterations} iterations, meta-batch "
+            length = (f"a {cfg.time_budget:g} s budget" if cfg.time_budget is not None else f"{cfg.iterations} iterations")
+            print(f"metafunc train: {cfg.algorithm} on {cfg.dataset}, {length}, meta-batch "
                   f"{cfg.meta_batch}, inner lr {cfg.inner_lr} x {cfg.inner_steps} step(s), Adam {cfg.outer_lr}, "
                   f"device {cfg.device}, out {cfg.out}" + (f" (resuming from {resume})" if resume else ""))
         result = train(cfg, resume=resume, is_main=is_main, progress=progress, **dist_kwargs)
@@ -107,7 +108,9 @@ def run_train(args: argparse.Namespace) -> int:
     if not is_main:
         return 0
     out = result.out
-    print(f"trained {cfg.iterations} iterations in {result.seconds:.1f} s; checkpoint {out / 'checkpoint.pt'}, "
+    done = max((r["iteration"] for r in result.records if r.get("split") == "train"), default=0)
+    budget = f" ({result.train_seconds:.1f} s of meta-steps, budget {cfg.time_budget:g} s)" if cfg.time_budget else ""
+    print(f"trained {done} iterations in {result.seconds:.1f} s{budget}; checkpoint {out / 'checkpoint.pt'}, "
           f"metrics {out / 'metrics.jsonl'}, learning curve {out / 'learning_curve.png'}")
     if cfg.dataset == "sinusoid" and not args.no_baseline:
         baseline = pretrain_baseline(cfg, progress=progress)

@@ -13,7 +13,7 @@ from metafunc.data.sinusoid import SinusoidSource
 from metafunc.data.synthetic import GaussianClassification
 from metafunc.train.checkpoint import CheckpointError, check_compatible, load_checkpoint, previous_path, save_checkpoint
 from metafunc.train.config import DATASET_DEFAULTS, DATASETS, RESUME_KEYS, TrainConfig, resolve_config
-from metafunc.train.evaluation import BATCHNORM_PROTOCOL, EvalResult, TaskSource, evaluate_episodes
+from metafunc.train.evaluation import BATCHNORM_PROTOCOL, EvalResult, TaskSource, evaluate_episodes, new_output_layer
 from metafunc.train.experiment import Experiment, build_experiment, build_learner, learner_options
 from metafunc.train.loop import (
     EXIT_CHECKPOINT,
@@ -43,7 +43,7 @@ __all__ = [
     "TrainResult", "train", "trainer_step", "default_is_main", "checkpoint_state", "restore_checkpoint",
     "save_checkpoint", "load_checkpoint", "check_compatible", "CheckpointError", "previous_path",
     "NonFiniteError", "Preempted", "EXIT_NONFINITE", "EXIT_PREEMPTED", "EXIT_CHECKPOINT",
-    "EvalResult", "TaskSource", "evaluate_episodes", "BATCHNORM_PROTOCOL",
+    "EvalResult", "TaskSource", "evaluate_episodes", "BATCHNORM_PROTOCOL", "new_output_layer",
     "plot_learning_curve", "save_figure",
     "SINUSOID_EVAL_STEPS", "SinusoidComparison", "pretrain_baseline", "sinusoid_comparison", "plot_sinusoid_adaptation",
     "SinusoidSource", "GaussianClassification",

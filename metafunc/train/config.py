@@ -12,7 +12,7 @@ from metafunc._shared import check_choice, check_positive, check_steps
 from metafunc.core.batching import Mode
 from metafunc.registry import LEARNERS
 
-__all__ = ["TrainConfig", "ResolvedConfig", "DATASETS", "DATASET_DEFAULTS", "RESUME_KEYS", "resolve_config"]
+__all__ = ["TrainConfig", "ResolvedConfig", "UNLIMITED_ITERATIONS", "DATASETS", "DATASET_DEFAULTS", "RESUME_KEYS", "resolve_config"]
 
 DATASETS = ("sinusoid", "omniglot", "synthetic")
 """``sinusoid``: MAML regression; ``omniglot``: the official zips (``metafunc.data``); ``synthetic``: Gaussian
@@ -31,6 +31,9 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
                       outer_lr=1e-3, iterations=200, val_every=50, val_episodes=40, checkpoint_every=50, width=16,
                       mode="auto"),
 }
+
+UNLIMITED_ITERATIONS = 10**9
+"""``iterations`` of a run with a ``time_budget`` and no iteration count of its own."""
 
 RESUME_KEYS = ("algorithm", "dataset", "ways", "shots", "queries", "meta_batch", "inner_steps", "inner_lr",
                "outer_lr", "seed", "width", "mode", "options")
@@ -71,6 +74,9 @@ class TrainConfig:
     out: str | None = None
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
     """The learner's own options (``metafunc.LEARNERS[algorithm].options``: ``lam``, ``checkpoints``, ...)."""
+    time_budget: float | None = None
+    """Train for this many seconds of meta-steps (data loading, validation and checkpoints excluded), then stop;
+    ``iterations`` is then an upper bound (unlimited unless given). Resuming honours what is left."""
     on_nonfinite: str = "stop"
     """A non-finite meta-loss or meta-gradient: ``"stop"`` the run (exit status 3), or ``"skip"`` the step."""
     max_nonfinite: int = 10
@@ -123,6 +129,8 @@ def resolve_config(config: TrainConfig) -> ResolvedConfig:
         raise ValueError(f"train: unknown algorithm {config.algorithm!r}; choose one of {', '.join(LEARNERS)} "
                          "(or add one with metafunc.register_learner)")
     values = config.to_dict()
+    if config.time_budget is not None and config.iterations is None:
+        values["iterations"] = UNLIMITED_ITERATIONS   # the budget decides when to stop
     for k, v in DATASET_DEFAULTS[config.dataset].items():
         if values.get(k) is None:
             values[k] = v
@@ -155,6 +163,8 @@ def resolve_config(config: TrainConfig) -> ResolvedConfig:
         raise ValueError(f"train: algorithm {cfg.algorithm!r} is a few-shot classifier; use it with --dataset "
                          "omniglot (or synthetic), not sinusoid regression")
     check_choice("train", "on_nonfinite", cfg.on_nonfinite, ("stop", "skip"))
+    if cfg.time_budget is not None:
+        check_positive("train", "time_budget", cfg.time_budget)
     check_steps("train", "max_nonfinite", cfg.max_nonfinite)
     if not isinstance(cfg.options, dict):
         raise TypeError(f"train: options must be a dict of the learner's options (got {type(cfg.options).__name__})")

@@ -19,7 +19,9 @@ from metafunc.algorithms import MetaLearner, with_steps
 from metafunc.core.batching import Mode, meta_batch
 from metafunc.core.types import Params, Task
 
-__all__ = ["EvalResult", "TaskSource", "BATCHNORM_PROTOCOL", "confidence_interval", "task_scores",
+__all__ = [
+    "new_output_layer",
+    "HEAD_PREFIX","EvalResult", "TaskSource", "BATCHNORM_PROTOCOL", "confidence_interval", "task_scores",
            "evaluate_episodes"]
 
 BATCHNORM_PROTOCOL = "transductive: BatchNorm uses each task's batch statistics"
@@ -168,3 +170,41 @@ def evaluate_episodes(learner: MetaLearner, params: Params, source: TaskSource, 
         bar.close()
     mean, ci, std = confidence_interval(torch.cat(scores))
     return EvalResult("accuracy" if classification else "mse", mean, ci, std, episodes, steps)
+
+
+HEAD_PREFIX = "head"
+"""metafunc's models name their output layer ``head`` (and Meta-SGD keeps its learning rates as ``inner_lr/head...``)."""
+
+
+def new_output_layer(saved: Params, fresh: Params, *, head: str = HEAD_PREFIX) -> tuple[Params, list[str]]:
+    """Meta-parameters for a model with another number of ways: ``saved`` everywhere the shapes agree, a
+    zero-initialised output layer where they do not (``fresh`` gives the new shapes), and for Meta-SGD's learning
+    rates of that layer the mean of the trained ones. Returns ``(params, replaced names)``; any other mismatch is a
+    ``ValueError``.
+
+    A zero output layer predicts uniform probabilities; the inner loop adapts it to each task's support set (the
+    20-way evaluation of 5-way MAML-family checkpoints in ``metafunc evaluate --ways 20``).
+
+    Example:
+        >>> saved = {"body.w": torch.ones(3, 2), "head.weight": torch.ones(5, 3), "head.bias": torch.ones(5)}
+        >>> fresh = {"body.w": torch.zeros(3, 2), "head.weight": torch.randn(20, 3), "head.bias": torch.randn(20)}
+        >>> params, replaced = new_output_layer(saved, fresh)
+        >>> replaced, float(params["head.weight"].abs().sum()), params["body.w"].sum().item()
+        (['head.weight', 'head.bias'], 0.0, 6.0)
+    """
+    out: Params = {}
+    replaced: list[str] = []
+    for name, new in fresh.items():
+        if name not in saved:
+            raise ValueError(f"new_output_layer: the checkpoint has no parameter {name!r}; it is from another model")
+        old = saved[name]
+        if tuple(old.shape) == tuple(new.shape):
+            out[name] = old
+            continue
+        layer = name.split("/", 1)[1] if "/" in name else name
+        if not (layer == head or layer.startswith(head + ".")):
+            raise ValueError(f"new_output_layer: {name!r} has shape {tuple(old.shape)} in the checkpoint and "
+                             f"{tuple(new.shape)} in the model, and it is not part of the output layer {head!r}")
+        out[name] = torch.full_like(new, float(old.mean())) if "/" in name else torch.zeros_like(new)
+        replaced.append(name)
+    return out, replaced

@@ -177,10 +177,13 @@ class TrainResult(NamedTuple):
     config: ResolvedConfig
     experiment: Experiment
     seconds: float
+    train_seconds: float = 0.0
+    """Seconds spent in meta-steps (sampling, validation and checkpoints excluded): what ``time_budget`` counts."""
 
 
 def checkpoint_state(cfg: ResolvedConfig, iteration: int, params: Params, optimizer: torch.optim.Optimizer,
-                     generator: torch.Generator, records: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+                     generator: torch.Generator, records: list[dict[str, Any]], seconds: float,
+                     train_seconds: float = 0.0) -> dict[str, Any]:
     """Everything a run needs to continue exactly: parameters, optimizer, generator and torch RNG states.
 
     Example:
@@ -197,6 +200,8 @@ def checkpoint_state(cfg: ResolvedConfig, iteration: int, params: Params, optimi
         "rng": {"tasks": generator.get_state(), "torch": torch.get_rng_state()},
         "val": [r for r in records if r.get("split") == "val"],
         "seconds": float(seconds),
+        "train_seconds": float(train_seconds),
+        "time_budget": cfg.time_budget,
     }
 
 
@@ -289,17 +294,21 @@ def train(config: TrainConfig, *, resume: bool | str | os.PathLike = False,
     optimizer = torch.optim.Adam(params.values(), lr=cfg.outer_lr)
     generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    start, seconds = 0, 0.0
+    start, seconds, train_seconds = 0, 0.0, 0.0
     records: list[dict[str, Any]] = []
     if resume:
         path = out / "checkpoint.pt" if resume is True else Path(resume)
         ckpt = load_checkpoint(path)
         start = restore_checkpoint(ckpt, cfg, params, optimizer, generator)
         seconds = float(ckpt.get("seconds", 0.0))
+        train_seconds = float(ckpt.get("train_seconds", 0.0))
         records = _read_records(out / "metrics.jsonl", start)
         if start >= cfg.iterations:
             raise ValueError(f"train: the checkpoint {str(path)!r} has already done {start} iterations; pass "
                              f"--iterations larger than {start} to continue")
+        if cfg.time_budget is not None and train_seconds >= cfg.time_budget:
+            raise ValueError(f"train: the checkpoint {str(path)!r} has already spent {train_seconds:.1f} s of its "
+                             f"{cfg.time_budget:g} s budget; pass a larger --time-budget to continue")
     metrics_file = None
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -313,7 +322,8 @@ def train(config: TrainConfig, *, resume: bool | str | os.PathLike = False,
     bar = None
     if progress and is_main:
         from tqdm.auto import tqdm
-        bar = tqdm(total=cfg.iterations, initial=start, desc=f"{cfg.algorithm} {cfg.dataset}", dynamic_ncols=True)
+        bar = tqdm(total=None if cfg.time_budget is not None else cfg.iterations, initial=start,
+                   desc=f"{cfg.algorithm} {cfg.dataset}", dynamic_ncols=True)
     t0 = time.perf_counter()
     last_val: dict[str, Any] | None = next((r for r in reversed(records) if r.get("split") == "val"), None)
     ckpt_path = out / "checkpoint.pt"
@@ -323,7 +333,7 @@ def train(config: TrainConfig, *, resume: bool | str | os.PathLike = False,
     def write_checkpoint(done: int) -> None:
         nonlocal last_good
         save_checkpoint(ckpt_path, checkpoint_state(cfg, done, params, optimizer, generator, records,
-                                                    seconds + time.perf_counter() - t0))
+                                                    seconds + time.perf_counter() - t0, train_seconds))
         last_good = (str(ckpt_path), done)
 
     def log(record: dict[str, Any]) -> None:
@@ -337,13 +347,15 @@ def train(config: TrainConfig, *, resume: bool | str | os.PathLike = False,
                 done = it + 1
                 before_step = generator.get_state()   # to save the state after iteration ``it`` if this step is bad
                 tasks = exp.sources["train"].sample(cfg.meta_batch, generator)
+                step_start = time.perf_counter()
                 objective, metrics, grads = step(params, tasks)
-                bad = nonfinite_quantity(objective, grads)
+                bad = nonfinite_quantity(objective, grads)   # a host sync: the step's time is all counted
                 rec: dict[str, Any] = {"iteration": done, "split": "train", "objective": float(objective)}
                 rec.update({k: float(v) for k, v in metrics.items()})
                 if bad is None:
                     apply_grads(params, grads)
                     optimizer.step()
+                    train_seconds += time.perf_counter() - step_start
                 else:
                     if cfg.on_nonfinite == "stop" or skipped >= cfg.max_nonfinite:
                         if is_main and it > (last_good[1] if last_good else start - 1) and it > 0:
@@ -367,8 +379,13 @@ def train(config: TrainConfig, *, resume: bool | str | os.PathLike = False,
                     if bar is not None:
                         bar.write(f"train: iteration {done}: the {bad} is not finite; step skipped "
                                   f"({skipped} of at most {cfg.max_nonfinite})")
+                rec["train_seconds"] = round(train_seconds, 4)
                 log(rec)
-                if is_main and ((cfg.val_every and done % cfg.val_every == 0) or done == cfg.iterations):
+                out_of_time = cfg.time_budget is not None and train_seconds >= cfg.time_budget
+                if sync_flag is not None and cfg.time_budget is not None:
+                    out_of_time = sync_flag(out_of_time)   # the first rank out of time stops all
+                final = done == end or out_of_time
+                if is_main and ((cfg.val_every and done % cfg.val_every == 0) or done == cfg.iterations or out_of_time):
                     last_val = _validate(exp, cfg, params, done)
                     log(last_val)
                 if metrics_file is not None:
@@ -385,9 +402,12 @@ def train(config: TrainConfig, *, resume: bool | str | os.PathLike = False,
                 stop = signals.received is not None
                 if sync_flag is not None:
                     stop = sync_flag(stop)
-                periodic = (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == end
+                periodic = (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or final
                 if is_main and (periodic or stop):
                     write_checkpoint(done)
+                if out_of_time:
+                    end = done
+                    break
                 if stop and done < end:
                     if barrier is not None:
                         barrier()   # the other ranks wait until rank 0's checkpoint is on disk
@@ -401,6 +421,7 @@ def train(config: TrainConfig, *, resume: bool | str | os.PathLike = False,
             if metrics_file is not None:
                 metrics_file.close()
     seconds += time.perf_counter() - t0
-    if is_main and end == cfg.iterations:
+    finished = end == cfg.iterations or (cfg.time_budget is not None and train_seconds >= cfg.time_budget)
+    if is_main and finished:
         plot_learning_curve(records, out / "learning_curve.png", title=f"{cfg.algorithm} on {cfg.dataset}")
-    return TrainResult(params, records, out, cfg, exp, seconds)
+    return TrainResult(params, records, out, cfg, exp, seconds, train_seconds)
