@@ -22,9 +22,11 @@ def _cfg(tmp_path, name, **kw):
     return TrainConfig(**base)
 
 
-def _train_records(out):
+def _train_records(out, *, timing: bool = False):
+    """The train records of ``metrics.jsonl``; without the wall-clock ``train_seconds`` unless ``timing``."""
     lines = (out / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines if json.loads(line)["split"] == "train"]
+    records = [json.loads(line) for line in lines if json.loads(line)["split"] == "train"]
+    return records if timing else [{k: v for k, v in r.items() if k != "train_seconds"} for r in records]
 
 
 @pytest.mark.parametrize("dataset,algorithm", [("synthetic", "maml"), ("sinusoid", "meta_sgd")])

@@ -181,7 +181,7 @@ def safe_relative_path(caller: str, name: str, where: str) -> PurePosixPath:
     return p
 
 
-def _decode_one(raw: bytes | Path, size: int) -> bytes:
+def _decode_one(raw: Any, size: int) -> bytes:
     from PIL import Image
 
     source: Any = raw if isinstance(raw, Path) else io.BytesIO(raw)
@@ -193,9 +193,9 @@ def _decode_one(raw: bytes | Path, size: int) -> bytes:
         return im.tobytes()
 
 
-def decode_images(caller: str, items: Sequence[bytes | Path], size: int, describe: Callable[[int], str],
+def decode_images(caller: str, items: Sequence[Any], size: int, describe: Callable[[int], str],
                   workers: int | None = None) -> Tensor:
-    """Decode ``items`` (encoded bytes, or paths of image files) with Pillow into one ``(N, 3, size, size)`` uint8
+    """Decode ``items`` (encoded bytes or 1-D uint8 arrays of them, or paths of image files) with Pillow into one ``(N, 3, size, size)`` uint8
     tensor (RGB, resized with LANCZOS where needed), on ``workers`` threads (Pillow releases the GIL while decoding).
     ``describe(i)`` names item ``i`` in the error raised for an undecodable one."""
     from PIL import UnidentifiedImageError

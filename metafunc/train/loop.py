@@ -386,7 +386,7 @@ def train(config: TrainConfig, *, resume: bool | str | os.PathLike = False,
                     out_of_time = sync_flag(out_of_time)   # the first rank out of time stops all
                 final = done == end or out_of_time
                 if is_main and ((cfg.val_every and done % cfg.val_every == 0) or done == cfg.iterations or out_of_time):
-                    last_val = _validate(exp, cfg, params, done)
+                    last_val = {**_validate(exp, cfg, params, done), "train_seconds": round(train_seconds, 4)}
                     log(last_val)
                 if metrics_file is not None:
                     metrics_file.flush()
