@@ -90,12 +90,12 @@ def test_meta_training_improves_classification_accuracy(tmp_path, capsys):
 def test_errors_are_clear_and_exit_with_status_2(tmp_path, capsys):
     assert main(["train", "--dataset", "omniglot", "--data-root", str(tmp_path / "missing"), "--no-progress",
                  "--out", str(tmp_path / "o")]) == 2
-    assert re.search(r"metafunc train: error: train: data root '.*missing' does not exist", capsys.readouterr().err)
+    assert re.search(r"metafunc train: error: data root '.*missing' does not exist", capsys.readouterr().err)
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     assert main(["evaluate", str(tmp_path / "notes.txt")]) == 2
     assert "notes.txt' is not a metafunc checkpoint" in capsys.readouterr().err
     assert main(["train", "--inner-lr", "-1", "--no-progress"]) == 2
-    assert "metafunc train: error: train: inner_lr must be > 0 (got -1.0)" in capsys.readouterr().err
+    assert "metafunc train: error: inner_lr must be > 0 (got -1.0)" in capsys.readouterr().err
     out = tmp_path / "run"
     assert main(["train", *SMALL, "--iterations", "1", "--out", str(out)]) == 0
     capsys.readouterr()
