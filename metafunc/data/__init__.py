@@ -1,4 +1,5 @@
-"""Few-shot data: a device-resident episode sampler for any labelled tensor data set, and Omniglot.
+"""Few-shot data: a device-resident episode sampler for any labelled tensor data set, Omniglot, and the standard
+few-shot image benchmarks (CIFAR-FS and FC100 from the CIFAR-100 release, miniImageNet, tieredImageNet).
 
 Example:
     >>> import torch
@@ -8,7 +9,29 @@ Example:
     torch.Size([2, 6, 1, 8, 8])
 """
 
+from metafunc.data.cifar import (
+    CIFAR100_FILE,
+    CIFAR100_MD5,
+    CIFAR100_URL,
+    CIFAR_FS_CLASSES,
+    FC100_SUPERCLASSES,
+    ImageSplit,
+    cifar_fs_samplers,
+    download_cifar100,
+    fc100_samplers,
+    load_cifar_fs,
+    load_fc100,
+)
 from metafunc.data.episodes import EpisodeSampler
+from metafunc.data.mini_imagenet import (
+    MINI_IMAGENET_CLASSES,
+    MINI_IMAGENET_PICKLES,
+    TIERED_IMAGENET_CLASSES,
+    load_mini_imagenet,
+    load_tiered_imagenet,
+    mini_imagenet_samplers,
+    tiered_imagenet_samplers,
+)
 from metafunc.data.omniglot import (
     DEFAULT_TEST_ALPHABETS,
     OMNIGLOT_MD5,
@@ -34,4 +57,22 @@ __all__ = [
     "OMNIGLOT_URL",
     "DEFAULT_TEST_ALPHABETS",
     "VINYALS_TRAIN_CHARACTERS",
+    "ImageSplit",
+    "load_cifar_fs",
+    "load_fc100",
+    "cifar_fs_samplers",
+    "fc100_samplers",
+    "download_cifar100",
+    "CIFAR100_URL",
+    "CIFAR100_MD5",
+    "CIFAR100_FILE",
+    "CIFAR_FS_CLASSES",
+    "FC100_SUPERCLASSES",
+    "load_mini_imagenet",
+    "mini_imagenet_samplers",
+    "load_tiered_imagenet",
+    "tiered_imagenet_samplers",
+    "MINI_IMAGENET_CLASSES",
+    "TIERED_IMAGENET_CLASSES",
+    "MINI_IMAGENET_PICKLES",
 ]

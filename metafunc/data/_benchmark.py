@@ -13,7 +13,7 @@ import tempfile
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
-from typing import IO, Any, Callable, NamedTuple, Sequence
+from typing import IO, Any, Callable, Literal, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -23,6 +23,7 @@ from metafunc.data.episodes import EpisodeSampler
 
 __all__ = [
     "ImageSplit",
+    "SplitName",
     "SPLITS",
     "CACHE_VERSION",
     "check_split",
@@ -41,7 +42,9 @@ __all__ = [
     "split_samplers",
 ]
 
-SPLITS = ("train", "val", "test")
+SplitName = Literal["train", "val", "test"]
+
+SPLITS: tuple[SplitName, ...] = ("train", "val", "test")
 """The three splits every benchmark has."""
 
 CACHE_VERSION = 1
@@ -126,6 +129,10 @@ _NUMPY_GLOBALS = {("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("nu
 _PLAIN_GLOBALS = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"), ("collections", "OrderedDict")}
 
 
+class _Refused(pickle.UnpicklingError):
+    pass
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     def __init__(self, file: IO[bytes], label: str):
         super().__init__(file, encoding="bytes")
@@ -141,7 +148,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return super().find_class(f"numpy.{core}.{parts[2]}", name)
         if (module, name) in _PLAIN_GLOBALS:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(
+        raise _Refused(
             f"{self.label} references {module}.{name}, which a data file of numpy arrays never needs (a pickle can "
             "run code); refusing it"
         )
@@ -152,9 +159,9 @@ def restricted_load(caller: str, file: IO[bytes], label: str, fix: str) -> Any:
     only. Any failure is a ``ValueError`` naming ``label`` and ``fix``."""
     try:
         return _RestrictedUnpickler(file, label).load()
-    except pickle.UnpicklingError as err:
+    except _Refused as err:
         raise ValueError(f"{caller}: cannot read {label} ({err}); {fix}") from err
-    except (EOFError, OSError, ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError,
+    except (pickle.UnpicklingError, EOFError, OSError, ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError,
             ImportError) as err:
         raise ValueError(f"{caller}: cannot read {label} as a pickle ({type(err).__name__}: {err}); it is corrupt "
                          f"or truncated; {fix}") from err
@@ -275,10 +282,10 @@ def download_checked(caller: str, url: str, dest: Path, md5: str) -> Path:
     return dest
 
 
-def split_samplers(caller: str, splits: dict[str, ImageSplit], *, ways: int, shots: int, queries: int,
+def split_samplers(caller: str, splits: dict[SplitName, ImageSplit], *, ways: int, shots: int, queries: int,
                    device: torch.device | str | None) -> dict[str, EpisodeSampler]:
     """One :class:`EpisodeSampler` per split (no rotations: images are returned as floats in ``[0, 1]``)."""
-    samplers = {}
+    samplers: dict[str, EpisodeSampler] = {}
     for name, data in splits.items():
         try:
             samplers[name] = EpisodeSampler(data.images, data.labels, ways=ways, shots=shots, queries=queries,

@@ -25,7 +25,7 @@ import importlib.resources
 import os
 import tarfile
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
@@ -34,6 +34,7 @@ from metafunc.data._benchmark import (
     CACHE_VERSION,
     SPLITS,
     ImageSplit,
+    SplitName,
     check_root,
     check_split,
     default_cache_dir,
@@ -213,10 +214,10 @@ def _decode(caller: str, path: Path) -> tuple[torch.Tensor, np.ndarray, np.ndarr
 
 
 def _build(caller: str, benchmark: str, decoded: tuple[torch.Tensor, np.ndarray, np.ndarray, list[str], list[str]],
-           path: Path) -> dict[str, ImageSplit]:
+           path: Path) -> dict[SplitName, ImageSplit]:
     images, fine, coarse, fine_names, coarse_names = decoded
     fine_t, coarse_t = torch.from_numpy(fine), torch.from_numpy(coarse)
-    out = {}
+    out: dict[SplitName, ImageSplit] = {}
     for split in SPLITS:
         if benchmark == "cifar_fs":
             unknown = [n for n in CIFAR_FS_CLASSES[split] if n not in fine_names]
@@ -248,9 +249,12 @@ def _build(caller: str, benchmark: str, decoded: tuple[torch.Tensor, np.ndarray,
     return out
 
 
-def _load(caller: str, benchmark: str, root: Any, split: Any, cache_dir: str | os.PathLike | None, download: bool,
-          check_md5: bool) -> ImageSplit:
-    check_split(caller, split)
+def _load(caller: str, benchmark: str, root: Any, splits: Sequence[SplitName], cache_dir: str | os.PathLike | None,
+          download: bool, check_md5: bool) -> dict[SplitName, ImageSplit]:
+    """The ``splits`` of ``benchmark``: the tarball is found and its md5 checked once, the cache read, or the
+    tarball decoded once and all three splits cached."""
+    for split in splits:
+        check_split(caller, split)
     if not isinstance(root, (str, os.PathLike)):
         raise TypeError(f"{caller}: root must be a path (got {type(root).__name__})")
     if download:
@@ -268,13 +272,13 @@ def _load(caller: str, benchmark: str, root: Any, split: Any, cache_dir: str | o
     key = hashlib.sha1(f"v{CACHE_VERSION}|{benchmark}|{md5}".encode()).hexdigest()[:16]
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     files = {s: cache / f"{benchmark}-{s}-{key}.pt" for s in SPLITS}
-    cached = read_cache(files[split])
-    if cached is not None:
-        return cached
-    splits = _build(caller, benchmark, _decode(caller, path), path)
+    found = {s: read_cache(files[s]) for s in splits}
+    if all(v is not None for v in found.values()):
+        return {s: v for s, v in found.items() if v is not None}
+    built = _build(caller, benchmark, _decode(caller, path), path)
     for s in SPLITS:  # one pass over the tarball writes all three splits
-        write_cache(files[s], splits[s])
-    return splits[split]
+        write_cache(files[s], built[s])
+    return {s: built[s] for s in splits}
 
 
 def load_cifar_fs(
@@ -300,7 +304,7 @@ def load_cifar_fs(
         >>> data.images.shape, data.images.dtype, data.num_classes  # doctest: +SKIP
         (torch.Size([12000, 3, 32, 32]), torch.uint8, 20)
     """
-    return _load("load_cifar_fs", "cifar_fs", root, split, cache_dir, download, check_md5)
+    return _load("load_cifar_fs", "cifar_fs", root, [split], cache_dir, download, check_md5)[split]
 
 
 def load_fc100(
@@ -323,13 +327,13 @@ def load_fc100(
         >>> data.images.shape, data.num_classes  # doctest: +SKIP
         (torch.Size([36000, 3, 32, 32]), 60)
     """
-    return _load("load_fc100", "fc100", root, split, cache_dir, download, check_md5)
+    return _load("load_fc100", "fc100", root, [split], cache_dir, download, check_md5)[split]
 
 
 def _samplers(caller: str, benchmark: str, root: str | os.PathLike, ways: int, shots: int, queries: int,
               device: torch.device | str | None, cache_dir: str | os.PathLike | None, download: bool,
               check_md5: bool) -> dict[str, EpisodeSampler]:
-    splits = {s: _load(caller, benchmark, root, s, cache_dir, download, check_md5) for s in SPLITS}
+    splits = _load(caller, benchmark, root, SPLITS, cache_dir, download, check_md5)
     return split_samplers(caller, splits, ways=ways, shots=shots, queries=queries, device=device)
 
 

@@ -38,6 +38,7 @@ from metafunc.data._benchmark import (
     CACHE_VERSION,
     SPLITS,
     ImageSplit,
+    SplitName,
     check_image_size,
     check_root,
     check_split,
@@ -300,8 +301,9 @@ def load_mini_imagenet(
     return _check_counts(caller, data, split, MINI_IMAGENET_CLASSES, name, strict_counts)
 
 
-def _disjoint(caller: str, splits: dict[str, ImageSplit]) -> None:
-    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+def _disjoint(caller: str, splits: dict[SplitName, ImageSplit]) -> None:
+    pairs: tuple[tuple[SplitName, SplitName], ...] = (("train", "val"), ("train", "test"), ("val", "test"))
+    for a, b in pairs:
         shared = sorted(set(splits[a].class_names) & set(splits[b].class_names))
         if shared:
             raise ValueError(f"{caller}: the classes {shared[:5]} are in both the {a!r} and the {b!r} split; the "
