@@ -6,7 +6,7 @@ meta-batch of tasks runs at once under ``vmap``. Algorithms are factories return
 The layers, from the bottom up (each imports only the ones above it in this list):
 
 * :mod:`metafunc.core`: ``functionalize``, the parameter-tree helpers, the inner loop, ``meta_batch``;
-* :mod:`metafunc.nn`: exact norm layers, the MLP, Conv-4 and ResNet-18;
+* :mod:`metafunc.nn`: exact norm layers, the MLP, Conv-4, ResNet-18 and ResNet-12;
 * :mod:`metafunc.algorithms` and :mod:`metafunc.gradients`: the learners and the gradient paths;
 * :mod:`metafunc.registry`: every learner by name;
 * :mod:`metafunc.step`: the meta-step ``step(params, tasks) -> (loss, metrics, grads)``, default and compiled;
@@ -46,6 +46,7 @@ from metafunc.gradients import checkpointed_maml, conjugate_gradient, imaml, one
 from metafunc.nn import models
 from metafunc.nn.norm import BatchNorm, GroupNorm, LayerNorm, convert_norm_layers, find_torch_norm_layers
 from metafunc.nn.resnet import resnet18
+from metafunc.nn.resnet12 import resnet12
 from metafunc.registry import (
     GRADIENT_PATHS,
     LEARNERS,
@@ -76,5 +77,5 @@ __all__ = [
     # the registry
     "registry", "LEARNERS", "LearnerSpec", "register_learner", "build_learner_by_name",
     # tasks and models
-    "sinusoid_tasks", "SinusoidTasks", "models", "resnet18", "tree",
+    "sinusoid_tasks", "SinusoidTasks", "models", "resnet18", "resnet12", "tree",
 ]

@@ -138,7 +138,7 @@ def resnet12(ways: int | None = 5, *, widths: Sequence[int] = RESNET12_WIDTHS, i
     """ResNet-12 (MetaOptNet's, widths 64-160-320-640) with metafunc's exact BatchNorm.
 
     ``ways=None`` gives the encoder (``(examples, 640)`` features, as ProtoNets and the other metric learners take);
-    an int adds a linear ``head`` with that many outputs. The standard encoder has 12,424,080 parameters (bias-free
+    an int adds a linear ``head`` with that many outputs. The standard encoder has 12,424,320 parameters (bias-free
     convolutions and the BatchNorm weights and biases); a 5-way head adds 3,205. ``widths`` (four ints) scales the
     blocks, e.g. ``(2, 3, 4, 5)`` for tests. ``drop_rate > 0`` turns on dropout in blocks 1-2 and DropBlock of
     ``block_size`` in blocks 3-4 (training mode only; refused under ``meta_batch(..., mode="vmap")``, which cannot
