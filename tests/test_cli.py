@@ -18,8 +18,8 @@ SMALL = ["--dataset", "synthetic", "--width", "8", "--meta-batch", "3", "--val-e
 
 def test_no_arguments_is_the_maml_paper_sinusoid_setting():
     cfg = resolve_config(train_config_from_args(build_parser().parse_args(["train"])))
-    assert (cfg.algorithm, cfg.dataset, cfg.shots, cfg.meta_batch, cfg.inner_lr, cfg.inner_steps, cfg.outer_lr) == (
-        "maml", "sinusoid", 10, 25, 0.01, 1, 1e-3)
+    assert (cfg.algorithm, cfg.dataset, cfg.shots, cfg.meta_batch, cfg.inner_lr, cfg.inner_steps, cfg.outer_lr,
+            cfg.iterations) == ("maml", "sinusoid", 10, 25, 0.01, 1, 1e-3, 70000)   # and the paper's 70,000 iterations
 
 
 def test_config_file_json_and_toml_with_flags_overriding(tmp_path):

@@ -44,8 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--algorithm", choices=list(LEARNERS), metavar="{" + ",".join(LEARNERS) + "}",
                    help="the learner, from metafunc.LEARNERS (default maml): " +
                         "; ".join(f"{n}: {s.description}" for n, s in LEARNERS.items()))
-    t.add_argument("--dataset", choices=DATASETS, help="sinusoid (default), omniglot, or synthetic (smoke tests)")
-    t.add_argument("--data-root", help="folder with the Omniglot zips (default $METAFUNC_DATA/omniglot)")
+    t.add_argument("--dataset", choices=DATASETS, help="sinusoid (default), omniglot, cifar_fs, fc100, mini_imagenet, tiered_imagenet, or synthetic "
+                        "(smoke tests)")
+    t.add_argument("--data-root", help="folder with the data set's files (default $METAFUNC_DATA/omniglot, /cifar100, "
+                                       "/mini_imagenet or /tiered_imagenet)")
+    t.add_argument("--backbone", choices=("conv4", "resnet12"),
+                   help="network of the image benchmarks: conv4 (default) or resnet12 (64-160-320-640)")
+    t.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="random crop and flip of the training episodes on the device (image benchmarks; default on "
+                        "for metric learners)")
     t.add_argument("--ways", type=int, help="classes per task (omniglot default 5)")
     t.add_argument("--shots", type=int, help="support examples per class (sinusoid: support points K, default 10)")
     t.add_argument("--queries", type=int, help="query examples per class (omniglot default 15)")
@@ -55,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--inner-lr", type=float, help="inner learning rate (sinusoid 0.01, omniglot 0.4)")
     t.add_argument("--outer-lr", type=float, help="Adam learning rate of the meta-update (default 1e-3)")
     t.add_argument("--iterations", "--steps", dest="iterations", type=int,
-                   help="meta-iterations (sinusoid 4000, omniglot 2000)")
+                   help="meta-iterations (sinusoid 70000, the MAML paper's budget; omniglot 2000)")
     t.add_argument("--val-every", type=int, help="validate every N iterations (0: only at the end)")
     t.add_argument("--val-episodes", type=int, help="validation episodes (default 100)")
     t.add_argument("--checkpoint-every", type=int, help="write OUT/checkpoint.pt every N iterations (and at the end)")

@@ -9,6 +9,7 @@ Example:
     torch.Size([2, 6, 1, 8, 8])
 """
 
+from metafunc.data.augment import AugmentedSource, random_crop_flip
 from metafunc.data.cifar import (
     CIFAR100_FILE,
     CIFAR100_MD5,
@@ -47,6 +48,8 @@ from metafunc.data.omniglot import (
 
 __all__ = [
     "EpisodeSampler",
+    "AugmentedSource",
+    "random_crop_flip",
     "Omniglot",
     "load_omniglot",
     "omniglot_splits",

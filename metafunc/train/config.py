@@ -12,16 +12,29 @@ from metafunc._shared import check_choice, check_positive, check_steps
 from metafunc.core.batching import Mode
 from metafunc.registry import LEARNERS
 
-__all__ = ["TrainConfig", "ResolvedConfig", "UNLIMITED_ITERATIONS", "DATASETS", "DATASET_DEFAULTS", "RESUME_KEYS", "resolve_config"]
+__all__ = ["TrainConfig", "ResolvedConfig", "UNLIMITED_ITERATIONS", "IMAGE_BENCHMARKS", "BACKBONES", "IMAGE_SIZES",
+           "DATA_FOLDERS", "DATASETS", "DATASET_DEFAULTS", "RESUME_KEYS", "resolve_config"]
 
-DATASETS = ("sinusoid", "omniglot", "synthetic")
+IMAGE_BENCHMARKS = ("cifar_fs", "fc100", "mini_imagenet", "tiered_imagenet")
+"""The standard few-shot image benchmarks (``metafunc.data``): RGB, 32x32 (CIFAR-FS, FC100) or 84x84."""
+
+DATASETS = ("sinusoid", "omniglot", "synthetic", *IMAGE_BENCHMARKS)
 """``sinusoid``: MAML regression; ``omniglot``: the official zips (``metafunc.data``); ``synthetic``: Gaussian
-clusters in feature space (a fast classification source for tests and smoke runs)."""
+clusters in feature space (a fast classification source for tests and smoke runs); the image benchmarks of
+:data:`IMAGE_BENCHMARKS`."""
+
+BACKBONES = ("conv4", "resnet12")
+"""``--backbone`` of the image data sets: Conv-4 (the MAML/ProtoNet network) or ResNet-12 (MetaOptNet's)."""
+
+_MAML_IMAGENET = dict(ways=5, shots=1, queries=15, meta_batch=4, inner_steps=5, eval_inner_steps=10, inner_lr=0.01,
+                      outer_lr=1e-3, iterations=60000, val_every=500, val_episodes=100, checkpoint_every=500,
+                      width=32, mode="auto")
 
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
-    # The MAML paper's sinusoid setting: 40-40 ReLU MLP, K=10, alpha=0.01, 1 step, 25 tasks, Adam 1e-3.
+    # The MAML paper's sinusoid setting: 40-40 ReLU MLP, K=10, alpha=0.01, 1 step, 25 tasks, Adam 1e-3, and the
+    # reference code's 70,000 meta-iterations (about 3 minutes of training on a 2-core CPU).
     "sinusoid": dict(shots=10, queries=10, meta_batch=25, inner_steps=1, eval_inner_steps=10, inner_lr=0.01,
-                     outer_lr=1e-3, iterations=4000, val_every=500, val_episodes=100, checkpoint_every=1000,
+                     outer_lr=1e-3, iterations=70000, val_every=5000, val_episodes=100, checkpoint_every=5000,
                      threads=1, mode="vmap"),
     # The MAML paper's Omniglot setting: meta-batch 32, alpha=0.4, 1 step in training and 3 at test, Adam 1e-3.
     "omniglot": dict(ways=5, shots=1, queries=15, meta_batch=32, inner_steps=1, eval_inner_steps=3, inner_lr=0.4,
@@ -30,13 +43,23 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "synthetic": dict(ways=5, shots=1, queries=5, meta_batch=8, inner_steps=1, eval_inner_steps=3, inner_lr=0.4,
                       outer_lr=1e-3, iterations=200, val_every=50, val_episodes=40, checkpoint_every=50, width=16,
                       mode="auto"),
+    # The MAML paper's miniImageNet setting (Conv-4 with 32 filters, alpha=0.01, 5 steps in training and 10 at
+    # test, meta-batch 4, 60,000 iterations), used for all four image benchmarks.
+    **{name: dict(_MAML_IMAGENET) for name in IMAGE_BENCHMARKS},
 }
+
+IMAGE_SIZES = {"cifar_fs": 32, "fc100": 32, "mini_imagenet": 84, "tiered_imagenet": 84}
+"""Side of the (square, RGB) images of each image benchmark."""
+
+DATA_FOLDERS = {"omniglot": "omniglot", "cifar_fs": "cifar100", "fc100": "cifar100", "mini_imagenet": "mini_imagenet",
+                "tiered_imagenet": "tiered_imagenet"}
+"""The folder under ``$METAFUNC_DATA`` that ``--data-root`` defaults to, per data set."""
 
 UNLIMITED_ITERATIONS = 10**9
 """``iterations`` of a run with a ``time_budget`` and no iteration count of its own."""
 
 RESUME_KEYS = ("algorithm", "dataset", "ways", "shots", "queries", "meta_batch", "inner_steps", "inner_lr",
-               "outer_lr", "seed", "width", "mode", "options")
+               "outer_lr", "seed", "width", "mode", "options", "backbone")
 """Settings that must be equal between a checkpoint and the run that resumes it (``iterations`` may grow)."""
 
 
@@ -74,6 +97,11 @@ class TrainConfig:
     out: str | None = None
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
     """The learner's own options (``metafunc.LEARNERS[algorithm].options``: ``lam``, ``checkpoints``, ...)."""
+    backbone: str = "conv4"
+    """The image data sets' network: ``"conv4"`` or ``"resnet12"`` (Omniglot uses Conv-4)."""
+    augment: bool | None = None
+    """Random crop and horizontal flip of the training episodes, on the device (image benchmarks; on by default for
+    metric learners, off for the MAML family)."""
     time_budget: float | None = None
     """Train for this many seconds of meta-steps (data loading, validation and checkpoints excluded), then stop;
     ``iterations`` is then an upper bound (unlimited unless given). Resuming honours what is left."""
@@ -113,6 +141,7 @@ class ResolvedConfig(TrainConfig):
     width: int = 0
     mode: Mode = "auto"
     out: str = ""
+    augment: bool = False
 
 
 def resolve_config(config: TrainConfig) -> ResolvedConfig:
@@ -120,7 +149,7 @@ def resolve_config(config: TrainConfig) -> ResolvedConfig:
 
     Example:
         >>> resolve_config(TrainConfig()).iterations
-        4000
+        70000
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"train: config must be a TrainConfig (got {type(config).__name__})")
@@ -142,6 +171,8 @@ def resolve_config(config: TrainConfig) -> ResolvedConfig:
         values["queries"] = values["shots"]
     if values["out"] is None:
         values["out"] = os.path.join("runs", f"{config.dataset}_{config.algorithm}")
+    if values.get("augment") is None:
+        values["augment"] = config.dataset in IMAGE_BENCHMARKS and not LEARNERS[config.algorithm].needs_head
     cfg = ResolvedConfig(**values)
     for name in ("ways", "shots", "queries", "meta_batch", "inner_steps", "iterations", "val_episodes", "width"):
         check_steps("train", name, getattr(cfg, name))
@@ -163,6 +194,10 @@ def resolve_config(config: TrainConfig) -> ResolvedConfig:
         raise ValueError(f"train: algorithm {cfg.algorithm!r} is a few-shot classifier; use it with --dataset "
                          "omniglot (or synthetic), not sinusoid regression")
     check_choice("train", "on_nonfinite", cfg.on_nonfinite, ("stop", "skip"))
+    check_choice("train", "backbone", cfg.backbone, BACKBONES)
+    if cfg.backbone != "conv4" and cfg.dataset not in IMAGE_BENCHMARKS:
+        raise ValueError(f"train: --backbone {cfg.backbone} is for the image benchmarks ({', '.join(IMAGE_BENCHMARKS)}); "
+                         f"{cfg.dataset} uses its own network")
     if cfg.time_budget is not None:
         check_positive("train", "time_budget", cfg.time_budget)
     check_steps("train", "max_nonfinite", cfg.max_nonfinite)

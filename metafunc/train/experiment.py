@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, NamedTuple, cast
+from typing import Any, Callable, NamedTuple, cast
 
 import torch
 from torch import nn
@@ -15,8 +15,9 @@ from metafunc.core.types import ModelFn, Params
 from metafunc.data.sinusoid import SinusoidSource
 from metafunc.data.synthetic import GaussianClassification
 from metafunc.nn import models
+from metafunc.nn.resnet12 import resnet12
 from metafunc.registry import LEARNERS
-from metafunc.train.config import ResolvedConfig, TrainConfig, resolve_config
+from metafunc.train.config import DATA_FOLDERS, IMAGE_SIZES, ResolvedConfig, TrainConfig, resolve_config
 from metafunc.train.evaluation import TaskSource
 
 __all__ = ["Experiment", "build_experiment", "build_learner", "learner_options"]
@@ -69,16 +70,21 @@ class Experiment(NamedTuple):
 
 
 def _data_root(cfg: ResolvedConfig) -> Path:
+    folder = DATA_FOLDERS[cfg.dataset]
     if cfg.data_root is not None:
         root = Path(cfg.data_root).expanduser()
     elif os.environ.get("METAFUNC_DATA"):
-        root = Path(os.environ["METAFUNC_DATA"]) / "omniglot"
+        root = Path(os.environ["METAFUNC_DATA"]) / folder
     else:
-        raise ValueError("train: --dataset omniglot needs --data-root, the folder holding the Omniglot zips "
-                         "(e.g. ../shared/data/omniglot), or the METAFUNC_DATA variable")
+        raise ValueError(f"train: --dataset {cfg.dataset} needs --data-root, the folder holding its files "
+                         f"(e.g. ../shared/data/{folder}), or the METAFUNC_DATA variable")
     if not root.is_dir():
+        holds = ("images_background_small1.zip / ..._small2.zip" if cfg.dataset == "omniglot" else
+                 {"cifar100": "cifar-100-python.tar.gz", "mini_imagenet": "images/ + train.csv, val.csv, test.csv "
+                  "(or the mini-imagenet-cache-*.pkl files)", "tiered_imagenet": "{train,val,test}_images_png.pkl "
+                  "and {split}_labels.pkl"}[folder])
         raise FileNotFoundError(f"train: data root {str(root)!r} does not exist or is not a folder; pass --data-root "
-                                "pointing at the folder holding images_background_small1.zip / ..._small2.zip")
+                                f"pointing at the folder holding {holds}")
     return root
 
 
@@ -89,13 +95,17 @@ def _sources(cfg: ResolvedConfig, device: torch.device) -> dict[str, TaskSource]
     if cfg.dataset == "synthetic":
         src = GaussianClassification(cfg.ways, cfg.shots, cfg.queries)
         return {"train": src, "val": src, "test": src}
+    from metafunc import data
+
     root = _data_root(cfg)
-    try:
-        from metafunc.data import omniglot_samplers
-    except ImportError as e:  # pragma: no cover - only when the data package is broken
-        raise RuntimeError(f"train: --dataset omniglot needs metafunc.data.omniglot_samplers ({e})") from e
-    return dict(omniglot_samplers(root, ways=cfg.ways, shots=cfg.shots, queries=cfg.queries, device=device,
-                                  seed=cfg.seed))
+    make: dict[str, Callable[..., dict[str, Any]]] = {"omniglot": data.omniglot_samplers, "cifar_fs": data.cifar_fs_samplers, "fc100": data.fc100_samplers,
+            "mini_imagenet": data.mini_imagenet_samplers, "tiered_imagenet": data.tiered_imagenet_samplers}
+    sources: dict[str, TaskSource] = dict(make[cfg.dataset](root, ways=cfg.ways, shots=cfg.shots, queries=cfg.queries,
+                                                             device=device, seed=cfg.seed))
+    if cfg.augment:
+        padding = 4 if IMAGE_SIZES.get(cfg.dataset, 28) <= 32 else 8
+        sources["train"] = data.AugmentedSource(sources["train"], padding=padding)
+    return sources
 
 
 def _network(cfg: ResolvedConfig, with_head: bool) -> nn.Module:
@@ -104,7 +114,10 @@ def _network(cfg: ResolvedConfig, with_head: bool) -> nn.Module:
     if cfg.dataset == "synthetic":
         mlp = models.mlp(in_features=8, hidden=(cfg.width, cfg.width), out_features=cfg.ways, norm="layer")
         return mlp if with_head else cast(nn.Module, mlp.body)
-    conv = models.conv4(ways=cfg.ways, image_size=28, width=cfg.width)
+    if cfg.backbone == "resnet12":
+        return resnet12(cfg.ways if with_head else None)
+    size, channels = (IMAGE_SIZES[cfg.dataset], 3) if cfg.dataset in IMAGE_SIZES else (28, 1)
+    conv = models.conv4(ways=cfg.ways, in_channels=channels, image_size=size, width=cfg.width)
     return conv if with_head else nn.Sequential(cast(nn.Module, conv.features), nn.Flatten())
 
 

@@ -1,0 +1,170 @@
+"""The Omniglot table at a stated budget: every learner trained for the same wall-clock budget on the same machine.
+
+For each learner: ``metafunc train --dataset omniglot --time-budget BUDGET`` with the papers' hyper-parameters
+(``SETTINGS`` below; the budget counts meta-steps only, not sampling or validation), then
+
+1. the number of test-time inner steps is chosen on the **validation** characters (``--split val``, among
+   ``--step-choices``), never on test;
+2. 600 **test** episodes (Korean and Sanskrit, never seen in training) of 5-way 1-shot, 5-way 5-shot (15 queries per
+   class) and 20-way 1-shot (5 queries per class), each with its 95% confidence interval. Learners with an output
+   layer are evaluated 20-way with a zero-initialised 20-way head adapted in the inner loop (``metafunc evaluate
+   --ways 20``).
+
+It writes ``OUT/table.md`` (the table with the budget, machine and command), ``OUT/results.json`` and
+``OUT/validation_vs_time.png`` (validation accuracy against training time, every learner). Run::
+
+    python benchmarks/omniglot_table.py --budget 600                     # about 2.5 hours on a 2-core CPU
+    python benchmarks/omniglot_table.py --budget 600 --learners maml protonet
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# learner -> extra `metafunc train` flags: the papers' settings where they exist (see the module docstring).
+SETTINGS: dict[str, list[str]] = {
+    # MAML (Finn et al. 2017): inner lr 0.4, 1 step in training; meta-batch 32 in the paper, 8 for a CPU budget.
+    "maml": ["--meta-batch", "8", "--inner-lr", "0.4", "--inner-steps", "1"],
+    "fomaml": ["--meta-batch", "8", "--inner-lr", "0.4", "--inner-steps", "1"],
+    "anil": ["--meta-batch", "8", "--inner-lr", "0.4", "--inner-steps", "1"],
+    "boil": ["--meta-batch", "8", "--inner-lr", "0.4", "--inner-steps", "1"],
+    "meta_sgd": ["--meta-batch", "8", "--inner-lr", "0.4", "--inner-steps", "1"],
+    # Reptile (Nichol et al. 2018): several inner SGD steps per task.
+    "reptile": ["--meta-batch", "8", "--inner-lr", "0.1", "--inner-steps", "5"],
+    # iMAML (Rajeswaran et al. 2019): a longer proximal inner loop, lambda 2, CG for the implicit gradient.
+    "imaml": ["--meta-batch", "8", "--inner-lr", "0.1", "--inner-steps", "10", "--lam", "2", "--cg-iterations", "5"],
+    # Prototypical Networks (Snell et al. 2017): higher-way training episodes than at test.
+    "protonet": ["--meta-batch", "1", "--ways", "20", "--shots", "1"],
+    "matching_net": ["--meta-batch", "1", "--ways", "20", "--shots", "1"],
+    # ProtoMAML (Triantafillou et al. 2020): prototype-initialised output layer, a few inner steps.
+    "proto_maml": ["--meta-batch", "8", "--inner-lr", "0.1", "--inner-steps", "1"],
+    "fo_proto_maml": ["--meta-batch", "8", "--inner-lr", "0.1", "--inner-steps", "1"],
+}
+COMMON = ["--dataset", "omniglot", "--queries", "15", "--width", "64", "--val-every", "50", "--val-episodes", "100",
+          "--checkpoint-every", "100", "--no-progress"]
+TESTS = {"5w1s": ["--ways", "5", "--shots", "1", "--queries", "15"],
+         "5w5s": ["--ways", "5", "--shots", "5", "--queries", "15"],
+         "20w1s": ["--ways", "20", "--shots", "1", "--queries", "5"]}
+
+
+def _metafunc(*args: str) -> list[str]:
+    return [sys.executable, "-m", "metafunc", *args]
+
+
+def _run(cmd: list[str], log: Path) -> None:
+    with open(log, "a") as f:
+        f.write("+ " + " ".join(cmd) + "\n")
+        f.flush()
+        done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"omniglot_table: {' '.join(cmd)} failed with status {done.returncode}; see {log}")
+
+
+def _evaluate(ckpt: Path, out: Path, log: Path, *args: str) -> dict[str, Any]:
+    _run(_metafunc("evaluate", str(ckpt), "--no-progress", "--json", str(out), *args), log)
+    return json.loads(out.read_text())
+
+
+def run_learner(name: str, *, budget: float, out: Path, data_root: str, episodes: int, val_episodes: int,
+                step_choices: list[int], seed: int) -> dict[str, Any]:
+    """Train ``name`` for ``budget`` seconds, choose the test-time inner steps on validation, test three settings."""
+    folder = out / name
+    folder.mkdir(parents=True, exist_ok=True)
+    log = folder / "log.txt"
+    _run(_metafunc("train", "--algorithm", name, *COMMON, *SETTINGS[name], "--data-root", data_root,
+                   "--time-budget", str(budget), "--seed", str(seed), "--out", str(folder)), log)
+    ckpt = folder / "checkpoint.pt"
+    config = json.loads((folder / "config.json").read_text())
+    adapts = "--inner-steps" in SETTINGS[name] or name in ("proto_maml", "fo_proto_maml")
+    chosen = None
+    validation: dict[int, float] = {}
+    if adapts:
+        for k in step_choices:
+            r = _evaluate(ckpt, folder / f"val_steps{k}.json", log, "--split", "val", "--episodes", str(val_episodes),
+                          "--inner-steps", str(k), *TESTS["5w1s"], "--seed", "1")
+            validation[k] = r["mean"]
+        chosen = max(validation, key=lambda k: validation[k])
+    tests = {}
+    for setting, flags in TESTS.items():
+        extra = ["--inner-steps", str(chosen)] if chosen is not None else []
+        tests[setting] = _evaluate(ckpt, folder / f"test_{setting}.json", log, "--split", "test", "--episodes",
+                                   str(episodes), *flags, *extra)
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    iterations = max(r["iteration"] for r in records if r["split"] == "train")
+    return {"learner": name, "flags": SETTINGS[name], "config": config, "iterations": iterations,
+            "test_inner_steps": chosen, "validation_5w1s": validation, "tests": tests,
+            "curve": [(r.get("train_seconds"), r["accuracy"]) for r in records if r["split"] == "val"]}
+
+
+def _table(rows: list[dict[str, Any]], budget: float, command: str) -> str:
+    machine = f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}"
+    lines = [f"Omniglot (small background splits, Korean and Sanskrit held out): every learner trained for {budget:g} s "
+             f"of meta-steps on {machine}; 600 test episodes, mean +- 95% CI; test-time inner steps chosen on the "
+             f"validation characters. `{command}`", "",
+             "| learner | iterations | test steps | 5-way 1-shot | 5-way 5-shot | 20-way 1-shot |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        cells = [f"{100 * r['tests'][s]['mean']:.1f} +- {100 * r['tests'][s]['ci95']:.1f}" for s in TESTS]
+        lines.append(f"| {r['learner']} | {r['iterations']} | {r['test_inner_steps'] or '-'} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(rows: list[dict[str, Any]], path: Path, budget: float) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in rows:
+        points = [(t, a) for t, a in r["curve"] if t is not None]
+        if points:
+            ax.plot([t for t, _ in points], [100 * a for _, a in points], "o-", ms=3, label=r["learner"])
+    ax.set_xlabel("training time (s of meta-steps)")
+    ax.set_ylabel("validation accuracy, 5-way (%)")
+    ax.set_title(f"Omniglot: validation accuracy against training time ({budget:g} s budget each)")
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--budget", type=float, default=600.0, help="seconds of meta-steps per learner (default 600)")
+    p.add_argument("--learners", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    p.add_argument("--data-root", default=os.path.join(os.environ.get("METAFUNC_DATA", "../shared/data"), "omniglot"))
+    p.add_argument("--episodes", type=int, default=600, help="test episodes per setting (default 600)")
+    p.add_argument("--val-episodes", type=int, default=200, help="validation episodes per step choice")
+    p.add_argument("--step-choices", type=int, nargs="+", default=[1, 3, 5, 10])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/omniglot_table")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    command = "python benchmarks/omniglot_table.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    rows = []
+    for name in args.learners:
+        start = time.perf_counter()
+        rows.append(run_learner(name, budget=args.budget, out=out, data_root=args.data_root, episodes=args.episodes,
+                                val_episodes=args.val_episodes, step_choices=args.step_choices, seed=args.seed))
+        print(f"{name}: {rows[-1]['iterations']} iterations, test steps {rows[-1]['test_inner_steps']}, "
+              + ", ".join(f"{s} {100 * rows[-1]['tests'][s]['mean']:.1f}" for s in TESTS)
+              + f" ({time.perf_counter() - start:.0f} s in all)", flush=True)
+        (out / "results.json").write_text(json.dumps(rows, indent=1))
+        (out / "table.md").write_text(_table(rows, args.budget, command))
+        _plot(rows, out / "validation_vs_time.png", args.budget)
+    print(_table(rows, args.budget, command))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,39 @@
+"""``benchmarks/omniglot_table.py`` runs end to end at a smoke budget (2 s per learner, 10 episodes): it trains by
+time budget, chooses the test-time inner steps on validation, tests 5w1s, 5w5s and 20w1s (a zero-initialised
+20-way head for MAML), and writes the table, the JSON and the plot. The numbers themselves mean nothing here."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import omniglot_table
+import pytest
+
+
+@pytest.mark.slow
+@pytest.mark.data
+def test_the_table_script_runs_end_to_end_at_a_smoke_budget(tmp_path):
+    data = os.environ.get("METAFUNC_DATA") or str(Path(__file__).resolve().parents[2] / "shared" / "data")
+    if not Path(data, "omniglot").is_dir():
+        if os.environ.get("CI"):
+            pytest.fail("METAFUNC_DATA is not set to the shared data folder; .ci/run sets it")
+        pytest.skip("real data not found: set METAFUNC_DATA")
+    out = tmp_path / "table"
+    assert omniglot_table.main(["--budget", "2", "--learners", "maml", "protonet", "--episodes", "10",
+                                "--val-episodes", "10", "--step-choices", "1", "3", "--data-root",
+                                str(Path(data, "omniglot")), "--out", str(out)]) == 0
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["learner"] for r in rows] == ["maml", "protonet"]
+    maml, protonet = rows
+    assert maml["test_inner_steps"] in (1, 3) and set(maml["validation_5w1s"]) == {"1", "3"}
+    assert protonet["test_inner_steps"] is None                      # no inner loop to choose
+    for r in rows:
+        assert r["config"]["time_budget"] == 2.0 and r["iterations"] >= 1
+        assert set(r["tests"]) == {"5w1s", "5w5s", "20w1s"}
+        assert all(0.0 <= t["mean"] <= 1.0 and t["episodes"] == 10 for t in r["tests"].values())
+    assert maml["tests"]["20w1s"]["ways"] == 20 and "zero-initialised 20-way head" in maml["tests"]["20w1s"]["output_layer"]
+    table = (out / "table.md").read_text()
+    assert "every learner trained for 2 s of meta-steps" in table and "| maml |" in table and "| protonet |" in table
+    assert (out / "validation_vs_time.png").read_bytes()[:4] == b"\x89PNG"
