@@ -33,7 +33,8 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def run_case(case: str, grad_path: str, *, device: str, steps: int, shots: int, queries: int, threads: int) -> dict:
+def run_case(case: str, grad_path: str, *, device: str, steps: int, shots: int, queries: int, threads: int,
+             encoder: str = "full", adapt_layers: int = 1, mode: str = "loop") -> dict:
     """One meta-step of ``case`` in this process; writes the meta-gradient to ``grad_path``; returns the peak."""
     import torch
 
@@ -43,7 +44,11 @@ def run_case(case: str, grad_path: str, *, device: str, steps: int, shots: int, 
 
     torch.manual_seed(0)
     tokenizer, minilm = load_minilm()
-    module = SentenceEncoder(minilm, hidden=256, out_features=128).to(device)
+    if encoder == "top":   # seed 000: cached states below the top layers, which run and adapt in the task
+        from metafunc.text.minilm import MiniLMTop, lower_states
+        module = MiniLMTop(minilm, top=adapt_layers).to(device)
+    else:
+        module = SentenceEncoder(minilm, hidden=256, out_features=128).to(device)
     model, params = functionalize(module)
     data = load_clinc150(split="test")
     xs, ys, xq, yq = [], [], [], []
@@ -55,10 +60,14 @@ def run_case(case: str, grad_path: str, *, device: str, steps: int, shots: int, 
         yq += [label] * queries
     from metafunc import Task
 
-    task = Task(tokenize(tokenizer, xs)[None], torch.tensor([ys]), tokenize(tokenizer, xq)[None], torch.tensor([yq]))
+    def inputs(texts):
+        tokens = tokenize(tokenizer, texts)
+        return lower_states(minilm, tokens, top=adapt_layers) if encoder == "top" else tokens
+
+    task = Task(inputs(xs)[None], torch.tensor([ys]), inputs(xq)[None], torch.tensor([yq]))
     task = task.to(device)
     learner = fo_proto_maml(model, inner_lr=1e-3, head_lr=0.1, steps=steps, two_pass=case == "two-pass")
-    step = meta_batch(learner.meta_loss, mode="loop")
+    step = meta_batch(learner.meta_loss, mode=mode)
     import gc
 
     gc.collect()
@@ -109,12 +118,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", default=None)
+    p.add_argument("--encoder", choices=("full", "top"), default="full",
+                   help="full: MiniLM + MLP head on tokens; top: only the top --adapt-layers transformer layers, on "
+                        "cached lower-layer states (the transformer in the loop)")
+    p.add_argument("--adapt-layers", type=int, default=1)
+    p.add_argument("--mode", choices=("loop", "vmap"), default="loop")
     args = p.parse_args(argv)
     common = ["--device", args.device, "--steps", str(args.steps), "--shots", str(args.shots), "--queries",
-              str(args.queries), "--threads", str(args.threads)]
+              str(args.queries), "--threads", str(args.threads), "--encoder", args.encoder, "--adapt-layers",
+              str(args.adapt_layers), "--mode", args.mode]
     if args.case:
         print(json.dumps(run_case(args.case, args.grad, device=args.device, steps=args.steps, shots=args.shots,
-                                  queries=args.queries, threads=args.threads)))
+                                  queries=args.queries, threads=args.threads, encoder=args.encoder,
+                                  adapt_layers=args.adapt_layers, mode=args.mode)))
         return []
     import torch
 
@@ -140,8 +156,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for row in rows[-2:]:
                 row["grad_relative_error"] = error
     mib = 1024 ** 2
-    print(f"fo-ProtoMAML meta-step, MiniLM-L6 + MLP head, 5-way {args.shots}-shot, {args.queries} queries/class, "
-          f"{args.steps} inner step(s), device {args.device}, torch {torch.__version__}")
+    network = ("MiniLM-L6 + MLP head" if args.encoder == "full" else
+               f"MiniLM-L6's top {args.adapt_layers} layer(s) in the loop on cached states")
+    print(f"fo-ProtoMAML meta-step, {network}, 5-way {args.shots}-shot, {args.queries} queries/class, "
+          f"{args.steps} inner step(s), meta_batch mode {args.mode}, device {args.device}, torch {torch.__version__}")
     print(f"{'case':<14}{'peak MiB (median)':>20}{'all runs':>28}{'seconds':>10}{'grad rel. err':>16}")
     medians = {}
     for case in CASES:

@@ -20,12 +20,12 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from metafunc._shared import strict_json
+from metafunc._shared import save_atomic, strict_json
 from metafunc.core.functional import functionalize
 from metafunc.registry import LEARNERS
 from metafunc.step import apply_grads, meta_value_and_grad
 from metafunc.text.clinc import DEFAULT_TEST_DOMAINS, clinc_samplers
-from metafunc.text.minilm import MiniLM, SentenceEncoder, embed_texts, load_minilm, tokenize
+from metafunc.text.minilm import MiniLM, MiniLMTop, SentenceEncoder, embed_texts, load_minilm, lower_states, tokenize
 from metafunc.train.checkpoint import save_checkpoint
 from metafunc.train.evaluation import evaluate_episodes
 
@@ -36,10 +36,12 @@ ALGORITHMS = ("protonet_frozen", *(n for n, spec in LEARNERS.items() if not spec
 an encoder (no output layer), read from :data:`metafunc.LEARNERS`."""
 
 
-def cached_encoder(cache: Path, *, max_length: int = 32,
-                   tokens: bool = False) -> tuple[Callable[[Sequence[str]], torch.Tensor], MiniLM]:
+def cached_encoder(cache: Path, *, max_length: int = 32, tokens: bool = False,
+                   states_top: int | None = None) -> tuple[Callable[[Sequence[str]], torch.Tensor], MiniLM]:
     """``(encode, net)``: ``encode(texts)`` gives frozen MiniLM embeddings (or tokens), cached on disk by a hash of
-    the texts; ``net`` is the pretrained MiniLM from :func:`~metafunc.text.load_minilm`.
+    the texts; ``net`` is the pretrained MiniLM from :func:`~metafunc.text.load_minilm`. With ``states_top=n`` it
+    gives the token states below the top ``n`` layers (:func:`~metafunc.text.minilm.lower_states`), cached too, so
+    that a task runs only the layers it adapts.
 
     Example:
         The pretrained MiniLM takes seconds to load, so this example swaps in a tiny random MiniLM and a
@@ -78,6 +80,14 @@ def cached_encoder(cache: Path, *, max_length: int = 32,
         if tokens:
             return toks
         key = hashlib.sha1("\n".join(texts).encode()).hexdigest()[:16]
+        if states_top is not None:
+            path = cache / f"minilm-states-top{states_top}-{key}.pt"
+            if path.exists():
+                return torch.load(path, weights_only=True)
+            states = lower_states(net, toks, top=states_top)
+            cache.mkdir(parents=True, exist_ok=True)
+            save_atomic(states, path)
+            return states
         path = cache / f"minilm-{key}.pt"
         if path.exists():
             return torch.load(path, weights_only=True)
@@ -97,7 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m metafunc.text.experiment", description=__doc__.split("\n")[0])
     p.add_argument("--algorithm", choices=ALGORITHMS, default="proto_maml")
     p.add_argument("--data-root", default=None, help="the clinc150 folder (default $METAFUNC_DATA/clinc150)")
-    p.add_argument("--features", choices=("frozen", "tokens"), default="frozen")
+    p.add_argument("--features", choices=("frozen", "tokens", "states"), default="frozen",
+                   help="frozen: cached sentence embeddings and an MLP head; tokens: the whole MiniLM per task; "
+                        "states: cached token states below the top --adapt-layers layers, which run (and adapt) "
+                        "in every task")
+    p.add_argument("--adapt-layers", type=int, default=1,
+                   help="with --features states: how many of MiniLM's top transformer layers adapt in the inner loop")
     p.add_argument("--train-prefix", nargs="*", default=None,
                    help="with --features tokens: parameter name prefixes that learn and adapt (others frozen)")
     p.add_argument("--ways", type=int, default=5)
@@ -171,11 +186,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     out = Path(args.out) / f"{args.algorithm}{'-2pass' if args.two_pass else ''}-{args.features}-{args.ways}w{args.shots}s"
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
-    encode, minilm = cached_encoder(Path(args.cache), tokens=args.features == "tokens")
+    encode, minilm = cached_encoder(Path(args.cache), tokens=args.features == "tokens",
+                                    states_top=args.adapt_layers if args.features == "states" else None)
     samplers = clinc_samplers(encode, args.data_root, ways=args.ways, shots=args.shots, queries=args.queries,
                               test_domains=DEFAULT_TEST_DOMAINS)
-    if args.algorithm == "protonet_frozen":
-        module: nn.Module = minilm if args.features == "tokens" else nn.Identity()
+    if args.features == "states":
+        module: nn.Module = MiniLMTop(minilm, top=args.adapt_layers)   # the transformer in the loop
+    elif args.algorithm == "protonet_frozen":
+        module = minilm if args.features == "tokens" else nn.Identity()
     else:
         module = SentenceEncoder(minilm if args.features == "tokens" else None, hidden=args.hidden,
                                  out_features=args.out_features)

@@ -1,4 +1,4 @@
-# mypy: disable-error-code="union-attr,operator,index"
+# mypy: disable-error-code="union-attr,operator,index,arg-type,misc"
 # (MiniLM mirrors the checkpoint's nested module names with plain nn.Module containers, which mypy sees as
 #  Tensor | Module attributes.)
 """The all-MiniLM-L6-v2 sentence encoder as a plain ``nn.Module`` with metafunc's exact LayerNorm.
@@ -13,6 +13,7 @@ row 0 the token ids (exact in float32 below 2**24), row 1 the attention mask.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from typing import Any, Sequence
@@ -23,7 +24,7 @@ from torch import Tensor, nn
 
 from metafunc.nn.norm import LayerNorm
 
-__all__ = ["MiniLM", "SentenceEncoder", "load_minilm", "minilm_encoder", "tokenize", "embed_texts", "MINILM_DIM"]
+__all__ = ["lower_states", "MiniLMTop", "MiniLM", "SentenceEncoder", "load_minilm", "minilm_encoder", "tokenize", "embed_texts", "MINILM_DIM"]
 
 MINILM_DIM = 384
 """Width of all-MiniLM-L6-v2's sentence embeddings."""
@@ -118,6 +119,68 @@ class MiniLM(nn.Module):
         mask = mask.to(x.dtype)
         additive = ((1 - mask) * torch.finfo(x.dtype).min)[:, None, None, :]
         for layer in self.encoder.layer:
+            x = layer(x, additive)
+        weights = mask.unsqueeze(-1)
+        return (x * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+
+
+def lower_states(net: MiniLM, tokens: Tensor, *, top: int, batch_size: int = 64) -> Tensor:
+    """The token states after the lower ``layers - top`` transformer layers of ``net``, with the attention mask as one
+    more channel: ``(sentences, length, width + 1)``. These layers stay frozen, so the states are computed once
+    (and cached) and a task runs only the ``top`` layers it adapts (:class:`MiniLMTop`).
+
+    Example:
+        >>> net = MiniLM(vocab_size=50, width=8, layers=2, heads=2, intermediate=16).eval()
+        >>> tokens = torch.stack([torch.randint(0, 50, (3, 5)), torch.ones(3, 5)], dim=1)
+        >>> states = lower_states(net, tokens, top=1)
+        >>> states.shape, torch.allclose(MiniLMTop(net, top=1)(states), net(tokens), atol=1e-6)
+        (torch.Size([3, 5, 9]), True)
+    """
+    layers = len(net.encoder.layer)
+    if isinstance(top, bool) or not isinstance(top, int) or not 1 <= top <= layers:
+        raise ValueError(f"lower_states: top must be an int in [1, {layers}] (the layers adapted in the inner loop; "
+                         f"got {top!r})")
+    out = []
+    with torch.no_grad():
+        for start in range(0, tokens.shape[0], batch_size):
+            chunk = tokens[start:start + batch_size]
+            ids, mask = chunk[:, 0].long(), chunk[:, 1]
+            emb = net.embeddings
+            positions = torch.arange(ids.shape[1], device=ids.device)
+            x = emb.word_embeddings(ids) + emb.position_embeddings(positions) + emb.token_type_embeddings.weight[0]
+            x = emb.LayerNorm(x)
+            mask = mask.to(x.dtype)
+            additive = ((1 - mask) * torch.finfo(x.dtype).min)[:, None, None, :]
+            for layer in list(net.encoder.layer)[:layers - top]:
+                x = layer(x, additive)
+            out.append(torch.cat([x, mask.unsqueeze(-1)], dim=-1))
+    return torch.cat(out)
+
+
+class MiniLMTop(nn.Module):
+    """The top ``top`` transformer layers of a MiniLM and its mean pooling, over the states of
+    :func:`lower_states`: ``(sentences, length, width + 1)`` -> ``(sentences, width)``. The layers keep their names
+    (``encoder.layer.{i}.*`` with the MiniLM's own ``i``), so a selector such as ``"encoder.layer.5"`` picks them.
+
+    Example:
+        >>> net = MiniLM(vocab_size=50, width=8, layers=2, heads=2, intermediate=16)
+        >>> sorted({k.split(".")[2] for k, _ in MiniLMTop(net, top=1).named_parameters()})
+        ['1']
+    """
+
+    def __init__(self, net: MiniLM, *, top: int):
+        super().__init__()
+        layers = len(net.encoder.layer)
+        if isinstance(top, bool) or not isinstance(top, int) or not 1 <= top <= layers:
+            raise ValueError(f"MiniLMTop: top must be an int in [1, {layers}] (got {top!r})")
+        self.first = layers - top
+        self.encoder = nn.Module()
+        self.encoder.layer = nn.ModuleDict({str(i): copy.deepcopy(net.encoder.layer[i]) for i in range(self.first, layers)})
+
+    def forward(self, states: Tensor) -> Tensor:
+        x, mask = states[..., :-1], states[..., -1]
+        additive = ((1 - mask) * torch.finfo(x.dtype).min)[:, None, None, :]
+        for layer in self.encoder.layer.values():
             x = layer(x, additive)
         weights = mask.unsqueeze(-1)
         return (x * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
