@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from metafunc._shared import save_atomic
+from metafunc.data._benchmark import file_md5
 from metafunc.data.episodes import EpisodeSampler
 
 __all__ = [
@@ -101,14 +102,6 @@ class Omniglot(NamedTuple):
         return len(self.characters)
 
 
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _check_variant(caller: str, variant: str) -> tuple[str, ...]:
     if variant not in OMNIGLOT_VARIANTS:
         raise ValueError(f"{caller}: variant must be 'small' or 'full' (got {variant!r})")
@@ -153,7 +146,7 @@ def download_omniglot(root: str | os.PathLike, *, variant: Literal["small", "ful
             except OSError as err:
                 raise OSError(f"download_omniglot: could not download {url} ({err}); download it by hand into "
                               f"{root} or check the network") from err
-            got = _md5(Path(tmp))
+            got = file_md5(Path(tmp))
             if got != OMNIGLOT_MD5[name]:
                 raise ValueError(
                     f"download_omniglot: {url} has md5 {got} but the official {name}.zip has md5 "
@@ -284,7 +277,7 @@ def load_omniglot(
         )
     md5s = []
     for name, path in zip(names, paths):
-        got = _md5(path)
+        got = file_md5(path)
         if check_md5 and got != OMNIGLOT_MD5[name]:
             raise ValueError(
                 f"{caller}: {path} has md5 {got} but the official {name}.zip has md5 {OMNIGLOT_MD5[name]}; the "

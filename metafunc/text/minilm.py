@@ -107,7 +107,8 @@ class MiniLM(nn.Module):
         self.encoder = nn.Module()
         self.encoder.layer = nn.ModuleList([_Layer(width, heads, intermediate, eps) for _ in range(layers)])
 
-    def forward(self, tokens: Tensor) -> Tensor:
+    def embed(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """``(token states after the embedding layer, attention mask)`` of ``(sentences, 2, length)`` tokens."""
         if tokens.dim() != 3 or tokens.shape[1] != 2:
             raise ValueError(f"MiniLM: expected tokens of shape (sentences, 2, length) (got {tuple(tokens.shape)}); "
                              "build them with metafunc.text.tokenize")
@@ -116,12 +117,22 @@ class MiniLM(nn.Module):
         positions = torch.arange(ids.shape[1], device=ids.device)
         x = emb.word_embeddings(ids) + emb.position_embeddings(positions) + emb.token_type_embeddings.weight[0]
         x = emb.LayerNorm(x)
-        mask = mask.to(x.dtype)
-        additive = ((1 - mask) * torch.finfo(x.dtype).min)[:, None, None, :]
-        for layer in self.encoder.layer:
-            x = layer(x, additive)
-        weights = mask.unsqueeze(-1)
-        return (x * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+        return x, mask.to(x.dtype)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        x, mask = self.embed(tokens)
+        return _encode_and_pool(self.encoder.layer, x, mask)
+
+
+def _encode_and_pool(layers: Any, x: Tensor, mask: Tensor, *, pool: bool = True) -> Tensor:
+    """Run transformer ``layers`` over token states ``x`` with the padding ``mask``; mean-pool the real tokens."""
+    additive = ((1 - mask) * torch.finfo(x.dtype).min)[:, None, None, :]
+    for layer in layers:
+        x = layer(x, additive)
+    if not pool:
+        return x
+    weights = mask.unsqueeze(-1)
+    return (x * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
 
 
 def lower_states(net: MiniLM, tokens: Tensor, *, top: int, batch_size: int = 64) -> Tensor:
@@ -143,16 +154,8 @@ def lower_states(net: MiniLM, tokens: Tensor, *, top: int, batch_size: int = 64)
     out = []
     with torch.no_grad():
         for start in range(0, tokens.shape[0], batch_size):
-            chunk = tokens[start:start + batch_size]
-            ids, mask = chunk[:, 0].long(), chunk[:, 1]
-            emb = net.embeddings
-            positions = torch.arange(ids.shape[1], device=ids.device)
-            x = emb.word_embeddings(ids) + emb.position_embeddings(positions) + emb.token_type_embeddings.weight[0]
-            x = emb.LayerNorm(x)
-            mask = mask.to(x.dtype)
-            additive = ((1 - mask) * torch.finfo(x.dtype).min)[:, None, None, :]
-            for layer in list(net.encoder.layer)[:layers - top]:
-                x = layer(x, additive)
+            x, mask = net.embed(tokens[start:start + batch_size])
+            x = _encode_and_pool(list(net.encoder.layer)[:layers - top], x, mask, pool=False)
             out.append(torch.cat([x, mask.unsqueeze(-1)], dim=-1))
     return torch.cat(out)
 
@@ -178,12 +181,7 @@ class MiniLMTop(nn.Module):
         self.encoder.layer = nn.ModuleDict({str(i): copy.deepcopy(net.encoder.layer[i]) for i in range(self.first, layers)})
 
     def forward(self, states: Tensor) -> Tensor:
-        x, mask = states[..., :-1], states[..., -1]
-        additive = ((1 - mask) * torch.finfo(x.dtype).min)[:, None, None, :]
-        for layer in self.encoder.layer.values():
-            x = layer(x, additive)
-        weights = mask.unsqueeze(-1)
-        return (x * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+        return _encode_and_pool(list(self.encoder.layer.values()), states[..., :-1], states[..., -1])
 
 
 class SentenceEncoder(nn.Module):
