@@ -569,22 +569,22 @@ def broadcast_object(obj: Any, src: int = 0, *, group: Any = None) -> Any:
     return box[0]
 
 
-def any_rank(flag: bool, *, group: Any = None) -> bool:
-    """True on every rank if ``flag`` is true on any rank (one all-reduce of a single number; ``flag`` itself in a
-    single process). The trainer calls it after each meta-step, so a stop signal to one rank stops all of them at
-    the same step.
+def any_rank(*flags: bool, group: Any = None) -> tuple[bool, ...]:
+    """Each of ``flags``, true on every rank if it is true on any rank (one all-reduce of a few numbers; the flags
+    themselves in a single process). The trainer calls it once after each meta-step, so a stop signal to one rank
+    (or the time budget running out on one) stops all of them at the same step.
 
     Example:
-        >>> any_rank(True), any_rank(False)
+        >>> any_rank(True, False)
         (True, False)
     """
     info = distributed_info()
     if not info.distributed and group is None:
-        return bool(flag)
-    box = torch.tensor([1.0 if flag else 0.0], device=info.device)
+        return tuple(bool(f) for f in flags)
+    box = torch.tensor([1.0 if f else 0.0 for f in flags], device=info.device)
     with _collective("all_reduce of the stop flag"):
         dist.all_reduce(box, op=dist.ReduceOp.MAX, group=group)
-    return bool(box.item() > 0)
+    return tuple(bool(v > 0) for v in box.tolist())
 
 
 def barrier(*, group: Any = None) -> None:

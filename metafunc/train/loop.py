@@ -253,7 +253,7 @@ def train(config: TrainConfig, *, resume: bool | str | os.PathLike = False,
           stop_after: int | None = None,
           train_source: Callable[[TaskSource], TaskSource] | None = None,
           wrap_step: Callable[[MetaStep], MetaStep] | None = None,
-          sync_flag: Callable[[bool], bool] | None = None,
+          sync_flag: Callable[..., tuple[bool, ...]] | None = None,
           barrier: Callable[[], None] | None = None) -> TrainResult:
     """Meta-train ``config.algorithm`` on ``config.dataset`` with Adam(``outer_lr``) for ``config.iterations``.
 
@@ -266,7 +266,8 @@ def train(config: TrainConfig, *, resume: bool | str | os.PathLike = False,
     passes ``lambda src: metafunc.distributed.ShardedSource(src, rank=r, world_size=n)`` so that each rank draws
     only its share of every meta-batch, and ``wrap_step=metafunc.distributed.sharded`` so that every rank's step
     returns the whole meta-batch's meta-gradient. Each iteration takes one :func:`trainer_step`. Under ``torchrun``
-    ``sync_flag(flag) -> bool`` (true if any rank's flag is) makes every rank stop at the same step after a signal,
+    ``sync_flag(*flags) -> flags`` (each true if it is on any rank) makes every rank stop at the same step after a
+    signal or when the time budget runs out on any rank,
     and ``barrier()`` holds the other ranks until rank 0 has written that checkpoint.
 
     Failures (see the module's docstring): :class:`NonFiniteError` (nothing of the bad step applied, the last
@@ -382,8 +383,9 @@ def train(config: TrainConfig, *, resume: bool | str | os.PathLike = False,
                 rec["train_seconds"] = round(train_seconds, 4)
                 log(rec)
                 out_of_time = cfg.time_budget is not None and train_seconds >= cfg.time_budget
-                if sync_flag is not None and cfg.time_budget is not None:
-                    out_of_time = sync_flag(out_of_time)   # the first rank out of time stops all
+                stop = signals.received is not None
+                if sync_flag is not None:   # one small all-reduce a step: a signal or the budget on any rank stops all
+                    stop, out_of_time = sync_flag(stop, out_of_time)
                 final = done == end or out_of_time
                 if is_main and ((cfg.val_every and done % cfg.val_every == 0) or done == cfg.iterations or out_of_time):
                     last_val = {**_validate(exp, cfg, params, done), "train_seconds": round(train_seconds, 4)}
@@ -399,9 +401,6 @@ def train(config: TrainConfig, *, resume: bool | str | os.PathLike = False,
                         post[f"val_{key}"] = f"{last_val[key]:.3f}"
                     bar.set_postfix(post, refresh=False)
                     bar.update(1)
-                stop = signals.received is not None
-                if sync_flag is not None:
-                    stop = sync_flag(stop)
                 periodic = (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or final
                 if is_main and (periodic or stop):
                     write_checkpoint(done)
