@@ -6,11 +6,12 @@
 #
 #   bash benchmarks/resnet18_seed002.sh            # k = 1, 5 both paths; 10 unrolled; 100 checkpointed
 #   K_LONG="100 300" bash benchmarks/resnet18_seed002.sh
+#   HVP=forward bash benchmarks/resnet18_seed002.sh   # checkpointed with forward-over-reverse HVPs
 set -euo pipefail
 out=${OUT:-runs/resnet18_seed002}
 mkdir -p "$out"
 common=(--model resnet18 --image-size 224 --ways 16 --shots 1 --query 1 --meta-batch 1 --inner-lr 0.01
-        --repeats 1 --warmup 0 --memory rss --quiet)
+        --repeats 1 --warmup 0 --memory rss --quiet --hvp "${HVP:-reverse}")
 metafunc bench "${common[@]}" --paths exact,checkpointed --inner-steps 1,5 --json "$out/short.json" --markdown
 metafunc bench "${common[@]}" --paths exact --inner-steps 10 --json "$out/unrolled10.json" --markdown
 for k in ${K_LONG:-100}; do

@@ -93,7 +93,7 @@ class LearnerSpec:
     Example:
         >>> spec = LEARNERS["checkpointed_maml"]
         >>> spec.needs_head, spec.path, spec.accepts("inner_lr"), [o.name for o in spec.options]
-        (True, 'checkpointed', True, ['checkpoints', 'clip_norm', 'adapt'])
+        (True, 'checkpointed', True, ['checkpoints', 'clip_norm', 'adapt', 'hvp'])
     """
 
     name: str

@@ -49,15 +49,17 @@ def _meta_gradient(learner, params, tasks, mode):
     return dict(zip(params, torch.autograd.grad(loss, list(params.values())))), loss, metrics
 
 
+@pytest.mark.parametrize("hvp", ["forward", "reverse"])
 @pytest.mark.parametrize("mode", ["vmap", "loop"])
 @pytest.mark.parametrize("steps", [1, 7, 50])
-def test_checkpointed_equals_unrolled_exact(float64, steps, mode):
+def test_checkpointed_equals_unrolled_exact(float64, steps, mode, hvp):
     net = _net()
     model, params = functionalize(net)
     tasks = _tasks()
     reference = reference_maml_gradient(net, params, tasks, lr=LR, steps=steps)
     exact, exact_loss, _ = _meta_gradient(maml(model, inner_lr=LR, steps=steps), params, tasks, "loop")
-    got, loss, metrics = _meta_gradient(checkpointed_maml(model, inner_lr=LR, steps=steps), params, tasks, mode)
+    got, loss, metrics = _meta_gradient(checkpointed_maml(model, inner_lr=LR, steps=steps, hvp=hvp), params, tasks,
+                                        mode)
     assert tree_relative_error(got, reference) < 1e-10
     assert tree_relative_error(got, exact) < 1e-10
     assert torch.allclose(loss, exact_loss, rtol=1e-12, atol=0)
@@ -85,14 +87,17 @@ def test_loss_backward_gives_the_meta_gradient(float64):
     assert tree_relative_error({k: v.grad for k, v in params.items()}, reference) < 1e-10
 
 
-def test_partial_adaptation_collects_mixed_terms(float64):
-    # ANIL-style: only the head adapts, yet the body's meta-gradient includes d^2 L / d body d head.
+@pytest.mark.parametrize("hvp", ["forward", "reverse"])
+def test_partial_adaptation_collects_mixed_terms(float64, hvp):
+    # ANIL-style: only the head adapts, yet the body's meta-gradient includes d^2 L / d body d head (forward mode
+    # gets them from the symmetry of the Hessian, reverse mode from the step's vjp).
     net = _net()
     model, params = functionalize(net)
     tasks = _tasks()
     is_head = lambda k: k.startswith("head")  # noqa: E731
     reference = reference_maml_gradient(net, params, tasks, lr=LR, steps=5, adapt=is_head)
-    got, _, _ = _meta_gradient(checkpointed_maml(model, inner_lr=LR, steps=5, adapt="head"), params, tasks, "vmap")
+    got, _, _ = _meta_gradient(checkpointed_maml(model, inner_lr=LR, steps=5, adapt="head", hvp=hvp), params, tasks,
+                               "vmap")
     assert tree_relative_error(got, reference) < 1e-10
     assert tree_norm({k: v for k, v in got.items() if not is_head(k)}) > 0
 
@@ -134,6 +139,8 @@ def test_bad_arguments():
         checkpointed_maml(model, inner_lr=0.1, steps=7, clip_norm=0)
     with pytest.raises(ValueError, match=r"checkpointed_maml: inner_lr must be > 0 \(got -0.1\)"):
         checkpointed_maml(model, inner_lr=-0.1, steps=7)
+    with pytest.raises(ValueError, match=r"checkpointed_maml: hvp must be one of 'forward', 'reverse' \(got 'fwd'\)"):
+        checkpointed_maml(model, inner_lr=0.1, steps=7, hvp="fwd")
     with pytest.raises(TypeError, match="checkpointed_maml: model must be a pure function"):
         checkpointed_maml(_net(), inner_lr=0.1, steps=7)
 

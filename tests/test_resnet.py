@@ -37,13 +37,17 @@ def test_bad_arguments():
         resnet18(width=0)
 
 
-def test_checkpointed_meta_gradient_on_tiny_resnet(float64):
-    model, params = functionalize(resnet18(ways=2, variant="small", width=2))
+@pytest.mark.parametrize("hvp", ["forward", "reverse"])
+@pytest.mark.parametrize("variant,size", [("small", 8), ("imagenet", 32)])
+def test_checkpointed_meta_gradient_on_tiny_resnet(float64, variant, size, hvp):
+    # "imagenet" has the 7x7 stride-2 stem and the max-pool: forward mode goes through their backward formulas too.
+    model, params = functionalize(resnet18(ways=2, variant=variant, width=2))
     g = torch.Generator().manual_seed(0)
-    tasks = Task(torch.randn(2, 4, 3, 8, 8, generator=g), torch.randint(0, 2, (2, 4), generator=g),
-                 torch.randn(2, 4, 3, 8, 8, generator=g), torch.randint(0, 2, (2, 4), generator=g))
+    tasks = Task(torch.randn(2, 4, 3, size, size, generator=g), torch.randint(0, 2, (2, 4), generator=g),
+                 torch.randn(2, 4, 3, size, size, generator=g), torch.randint(0, 2, (2, 4), generator=g))
     loss, _ = meta_batch(maml(model, inner_lr=0.1, steps=2).meta_loss, mode="loop")(params, tasks)
     exact = dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
-    loss, _ = meta_batch(checkpointed_maml(model, inner_lr=0.1, steps=2, checkpoints=1).meta_loss)(params, tasks)
+    loss, _ = meta_batch(checkpointed_maml(model, inner_lr=0.1, steps=2, checkpoints=1, hvp=hvp).meta_loss)(params,
+                                                                                                           tasks)
     got = dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
     assert tree_relative_error(got, exact) < 1e-10

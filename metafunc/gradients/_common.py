@@ -6,11 +6,14 @@ from typing import Callable, cast
 
 import torch
 from torch import Tensor
-from torch.func import grad
+from torch.func import grad, jvp, vjp
 
 from metafunc.core.types import Params
 
-__all__ = ["TaskLoss", "make_task_loss", "make_step", "attach_gradient", "clip_tree"]
+__all__ = ["TaskLoss", "HVP_MODES", "make_task_loss", "make_step", "make_step_pullback", "attach_gradient", "clip_tree"]
+
+HVP_MODES = ("forward", "reverse")
+"""How a path computes the Hessian-vector products of an inner step: forward-over-reverse or reverse-over-reverse."""
 
 TaskLoss = Callable[[Params, Tensor, Tensor], Tensor]
 
@@ -39,6 +42,35 @@ def make_step(task_loss: TaskLoss, names: list[str], lr: float) -> Callable[[Par
         return {**phi, **{k: phi[k] - lr * g[k] for k in names}}
 
     return step
+
+
+def make_step_pullback(task_loss: TaskLoss, names: list[str], lr: float,
+                       hvp: str = "reverse") -> Callable[[Params, Params, Tensor, Tensor], Params]:
+    """The vector-Jacobian product of one inner SGD step: ``pullback(phi, v, x, y) = v - lr * H(phi) v_names``.
+
+    ``H`` is the Hessian of ``task_loss`` over the whole tree and ``v_names`` is ``v`` with zeros outside ``names``,
+    so the adapted parameters get ``v - lr * H_aa v_a`` and the fixed ones their mixed terms ``- lr * H_fa v_a``:
+    exactly what ``torch.func.vjp`` of :func:`make_step` gives, by the symmetry of the Hessian.
+
+    ``hvp="reverse"`` differentiates the step by reverse mode (``vjp`` of the step, which keeps the graph of the
+    backward pass for a second backward). ``hvp="forward"`` computes ``H v`` forward-over-reverse (``jvp`` of
+    ``grad``): the tangents ride along one gradient computation and no graph of the backward pass is kept.
+    """
+    if hvp == "reverse":
+        step = make_step(task_loss, names, lr)
+
+        def reverse(phi: Params, v: Params, x: Tensor, y: Tensor) -> Params:
+            _, pull = vjp(lambda p: step(p, x, y), phi)  # type: ignore[misc]
+            return cast(Params, pull(v)[0])
+
+        return reverse
+
+    def forward(phi: Params, v: Params, x: Tensor, y: Tensor) -> Params:
+        tangent = {k: (v[k] if k in names else torch.zeros_like(t)) for k, t in phi.items()}
+        hv = jvp(lambda p: grad(task_loss)(p, x, y), (phi,), (tangent,))[1]
+        return {k: v[k] - lr * hv[k] for k in phi}
+
+    return forward
 
 
 def attach_gradient(params: Params, value: Tensor, gradient: Params) -> Tensor:

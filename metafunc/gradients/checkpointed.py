@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 
 from torch import Tensor
-from torch.func import grad_and_value, vjp
+from torch.func import grad_and_value
 
-from metafunc._shared import check_positive, check_steps
+from metafunc._shared import check_choice, check_positive, check_steps
 from metafunc.algorithms._learner import (
     LossSpec,
     MetaLearner,
@@ -22,7 +22,14 @@ from metafunc.core.inner import inner_loop
 from metafunc.core.task_function import TaskFunction
 from metafunc.core.tree import select, tree_detach
 from metafunc.core.types import Metrics, ModelFn, Params, Selector, Task
-from metafunc.gradients._common import attach_gradient, clip_tree, make_step, make_task_loss
+from metafunc.gradients._common import (
+    HVP_MODES,
+    attach_gradient,
+    clip_tree,
+    make_step,
+    make_step_pullback,
+    make_task_loss,
+)
 
 __all__ = ["checkpointed_maml", "checkpoint_positions", "default_checkpoints"]
 
@@ -68,6 +75,7 @@ def checkpointed_maml(
     checkpoints: int | None = None,
     clip_norm: float | None = None,
     adapt: Selector = None,
+    hvp: str = "reverse",
 ) -> MetaLearner:
     """Exact MAML through ``steps`` inner SGD steps with memory that does not grow with every step's activations.
 
@@ -75,14 +83,16 @@ def checkpointed_maml(
     evenly spaced steps (default ``ceil(sqrt(steps))``). It then takes the query gradient ``v = dL_q/dphi_k`` and
     walks backwards: each segment between two checkpoints is recomputed forward (parameters only, no graph), and the
     signal is carried back one step at a time with the vector-Jacobian product of the step,
-    ``v <- v - inner_lr * H_s(phi_i) v`` (a Hessian-vector product from ``torch.func.vjp`` of ``torch.func.grad``;
-    parameters outside ``adapt`` also collect their mixed second derivatives). At any time memory holds the
-    checkpoints, one segment of parameters and the graph of a single step: ``O(checkpoints + steps / checkpoints)``
-    parameter copies instead of ``steps`` graphs of activations. The final ``v`` is the exact MAML meta-gradient
-    (same as :func:`metafunc.maml` up to rounding); the returned loss carries it, so ``loss.backward()`` and
-    :func:`metafunc.meta_batch` (vmap or loop) work as for any learner. It costs about twice the compute of the
-    unrolled gradient (one extra forward of the inner loop, plus the recomputation); ``checkpoints=steps`` keeps
-    every step's parameters (``steps`` parameter copies, still no activations) and skips the recomputation.
+    ``v <- v - inner_lr * H_s(phi_i) v`` (parameters outside ``adapt`` also collect their mixed second
+    derivatives). At any time memory holds the checkpoints, one segment of parameters and one Hessian-vector
+    product: ``O(checkpoints + steps / checkpoints)`` parameter copies instead of ``steps`` graphs of activations.
+
+    ``hvp="reverse"`` (the default) takes ``torch.func.vjp`` of the step (reverse-over-reverse: the graph of the
+    step's backward pass is kept for a second backward). ``hvp="forward"`` computes each ``H v`` forward-over-reverse,
+    ``torch.func.jvp`` of ``torch.func.grad``, with no graph of the backward pass; the mixed terms come from the
+    symmetry of the Hessian. Both give the same gradient; which is leaner depends on the model and the device: on
+    ResNet-18 at 224x224 on the CPU, forward mode peaked at 1.7x the memory of reverse mode (one inner step)
+    (``benchmarks/RESULTS.md``).
 
     ``clip_norm`` clips the norm of the backward signal ``v`` at every step (per task), as the memory-efficient
     MAML notebook does for very long horizons; the gradient is then no longer exact. The meta-gradient is computed
@@ -93,7 +103,7 @@ def checkpointed_maml(
         >>> import torch
         >>> from metafunc import functionalize, meta_batch, models, sinusoid_tasks
         >>> model, params = functionalize(models.mlp())
-        >>> learner = checkpointed_maml(model, inner_lr=0.01, steps=100, loss="mse", checkpoints=10)
+        >>> learner = checkpointed_maml(model, inner_lr=0.01, steps=100, loss="mse", checkpoints=10, hvp="reverse")
         >>> tasks = sinusoid_tasks(4, shots=10, generator=torch.Generator().manual_seed(0))
         >>> loss, metrics = meta_batch(learner.meta_loss)(params, tasks)
         >>> loss.backward()
@@ -107,6 +117,7 @@ def checkpointed_maml(
     _check_checkpoints(name, checkpoints, steps)
     if clip_norm is not None:
         clip_norm = check_positive(name, "clip_norm", clip_norm)
+    check_choice(name, "hvp", hvp, HVP_MODES)
     loss_fn, classification = resolve_loss(loss, name)
     task_loss = make_task_loss(model, loss_fn)
     positions = checkpoint_positions(steps, checkpoints)
@@ -120,6 +131,7 @@ def checkpointed_maml(
     def meta_loss(params: Params, task: Task) -> tuple[Tensor, Metrics]:
         names = select(params, adapt, caller=name)
         step = make_step(task_loss, names, lr)
+        pullback = make_step_pullback(task_loss, names, lr, hvp)
         x, y = task.support_x, task.support_y
 
         # Forward: the inner loop without a graph, keeping the parameters at the checkpoints.
@@ -148,8 +160,7 @@ def checkpointed_maml(
             for _ in range(start, end - 1):
                 segment.append(step(segment[-1], x, y))
             for phi_i in reversed(segment):
-                _, pullback = vjp(lambda p: step(p, x, y), phi_i)  # type: ignore[misc]
-                (v,) = pullback(v)
+                v = pullback(phi_i, v, x, y)
                 if clip_norm is not None:
                     v = {**v, **clip_tree({k: v[k] for k in names}, clip_norm)}
             del segment
