@@ -1,4 +1,5 @@
-"""Peak memory of one fo-ProtoMAML meta-step with the MiniLM encoder: two-pass versus single graph.
+"""Peak memory of one fo-ProtoMAML meta-step with the MiniLM encoder: two-pass (whole query set, and its query
+gradient in chunks of ``--query-chunk-size``) versus single graph.
 
 Each case runs in a fresh subprocess: it loads all-MiniLM-L6-v2 (+ MLP head), builds one 5-way 5-shot CLINC150 task
 (10 queries per class, 32 tokens), then runs one meta-step (``meta_batch(learner.meta_loss)`` + ``loss.backward()``)
@@ -7,7 +8,8 @@ the RSS just before it (glibc's mmap threshold is fixed at 64 KiB in the subproc
 the RSS at once). The gradients of both cases are compared (they must agree to float32 round-off) before the
 table is printed. On a GPU (``--device cuda``) the allocator's peak is reported instead.
 
-    python benchmarks/memory_proto_maml.py            # table of both cases, 3 runs each
+    python benchmarks/memory_proto_maml.py            # table of the three cases, 3 runs each
+    python benchmarks/memory_proto_maml.py --encoder top --mode loop   # the transformer in the loop
     python benchmarks/memory_proto_maml.py --repeats 1 --json /tmp/memory.json
 """
 
@@ -25,7 +27,7 @@ from pathlib import Path
 
 __all__ = ["run_case", "main"]
 
-CASES = ("single-graph", "two-pass")
+CASES = ("single-graph", "two-pass", "two-pass-chunked")
 
 
 def _rss_bytes() -> int:
@@ -34,7 +36,7 @@ def _rss_bytes() -> int:
 
 
 def run_case(case: str, grad_path: str, *, device: str, steps: int, shots: int, queries: int, threads: int,
-             encoder: str = "full", adapt_layers: int = 1, mode: str = "loop") -> dict:
+             encoder: str = "full", adapt_layers: int = 1, mode: str = "loop", query_chunk_size: int = 10) -> dict:
     """One meta-step of ``case`` in this process; writes the meta-gradient to ``grad_path``; returns the peak."""
     import torch
 
@@ -66,7 +68,8 @@ def run_case(case: str, grad_path: str, *, device: str, steps: int, shots: int, 
 
     task = Task(inputs(xs)[None], torch.tensor([ys]), inputs(xq)[None], torch.tensor([yq]))
     task = task.to(device)
-    learner = fo_proto_maml(model, inner_lr=1e-3, head_lr=0.1, steps=steps, two_pass=case == "two-pass")
+    learner = fo_proto_maml(model, inner_lr=1e-3, head_lr=0.1, steps=steps, two_pass=case != "single-graph",
+                            query_chunk_size=query_chunk_size if case == "two-pass-chunked" else None)
     step = meta_batch(learner.meta_loss, mode=mode)
     import gc
 
@@ -123,14 +126,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         "cached lower-layer states (the transformer in the loop)")
     p.add_argument("--adapt-layers", type=int, default=1)
     p.add_argument("--mode", choices=("loop", "vmap"), default="loop")
+    p.add_argument("--query-chunk-size", type=int, default=10,
+                   help="queries per chunk of the two-pass-chunked case (default 10, one class's queries)")
     args = p.parse_args(argv)
     common = ["--device", args.device, "--steps", str(args.steps), "--shots", str(args.shots), "--queries",
               str(args.queries), "--threads", str(args.threads), "--encoder", args.encoder, "--adapt-layers",
-              str(args.adapt_layers), "--mode", args.mode]
+              str(args.adapt_layers), "--mode", args.mode, "--query-chunk-size", str(args.query_chunk_size)]
     if args.case:
         print(json.dumps(run_case(args.case, args.grad, device=args.device, steps=args.steps, shots=args.shots,
                                   queries=args.queries, threads=args.threads, encoder=args.encoder,
-                                  adapt_layers=args.adapt_layers, mode=args.mode)))
+                                  adapt_layers=args.adapt_layers, mode=args.mode,
+                                  query_chunk_size=args.query_chunk_size)))
         return []
     import torch
 
@@ -149,11 +155,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 row = json.loads(out.stdout.strip().splitlines()[-1])
                 row["repeat"] = r
                 rows.append(row)
-            error = tree_relative_error(torch.load(str(Path(tmp) / "two-pass.pt"), weights_only=True),
-                                        torch.load(str(Path(tmp) / "single-graph.pt"), weights_only=True))
-            if error > 1e-4:
-                raise SystemExit(f"memory_proto_maml: the two gradients differ (relative error {error:.2e})")
-            for row in rows[-2:]:
+            single = torch.load(str(Path(tmp) / "single-graph.pt"), weights_only=True)
+            for row in rows[-len(CASES):]:
+                error = tree_relative_error(torch.load(str(Path(tmp) / f"{row['case']}.pt"), weights_only=True),
+                                            single)
+                if error > 1e-4:
+                    raise SystemExit(f"memory_proto_maml: {row['case']}'s gradient differs from the single graph's "
+                                     f"(relative error {error:.2e})")
                 row["grad_relative_error"] = error
     mib = 1024 ** 2
     network = ("MiniLM-L6 + MLP head" if args.encoder == "full" else
@@ -169,7 +177,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         secs = sorted(r["seconds"] for r in mine)[len(mine) // 2]
         print(f"{case:<14}{medians[case]:>20.1f}{', '.join(f'{x:.0f}' for x in peaks):>28}{secs:>10.1f}"
               f"{max(r['grad_relative_error'] for r in mine):>16.1e}")
-    print(f"two-pass / single-graph peak: {medians['two-pass'] / medians['single-graph']:.2f}")
+    for case in CASES[1:]:
+        print(f"{case} / single-graph peak: {medians[case] / medians['single-graph']:.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return rows

@@ -110,6 +110,16 @@ def test_two_pass_equals_single_graph(float64, mode, chunk, adapt):
         assert tree_relative_error(two, ref) < 1e-10
 
 
+def test_query_chunk_size_is_checked():
+    encoder, _ = functionalize(nn.Sequential(nn.Linear(4, 8), nn.ReLU()))
+    with pytest.raises(ValueError, match=r"fo_proto_maml: query_chunk_size=5 needs two_pass=True \(got two_pass=False\)"):
+        fo_proto_maml(encoder, query_chunk_size=5)
+    with pytest.raises(ValueError, match=r"fo_proto_maml: query_chunk_size must be >= 1 \(got 0\)"):
+        fo_proto_maml(encoder, two_pass=True, query_chunk_size=0)
+    with pytest.raises(TypeError, match=r"fo_proto_maml: query_chunk_size must be an int or None \(got float 2.0\)"):
+        fo_proto_maml(encoder, two_pass=True, query_chunk_size=2.0)
+
+
 def test_two_pass_composes_with_torch_func_grad(float64):
     encoder, params = functionalize(convert_norm_layers(torch_encoder()))
     tasks = few_shot_tasks()
@@ -214,11 +224,12 @@ def test_bad_input_is_refused_eagerly():
         meta_batch(proto_maml(clash).meta_loss)(clash_params, tasks)
 
 
+@pytest.mark.parametrize("query_chunk_size", [None, 2, 4], ids=["whole-query", "chunks-of-2", "chunks-of-4-uneven"])
 @pytest.mark.parametrize("mode", ["loop", "vmap"])
-def test_two_pass_equals_single_graph_with_the_transformer_in_the_loop(float64, mode):
+def test_two_pass_equals_single_graph_with_the_transformer_in_the_loop(float64, mode, query_chunk_size):
     """Seed 000's setting on a tiny MiniLM: cached states below the top layer, the top transformer layer and the
-    prototype head adapted in the inner loop; the two-pass meta-gradient equals the single-graph one, and
-    second-order ProtoMAML runs too."""
+    prototype head adapted in the inner loop; the two-pass meta-gradient (whole query set or in chunks) equals the
+    single-graph one, and second-order ProtoMAML runs too."""
     from metafunc.text.minilm import MiniLM, MiniLMTop, lower_states
 
     torch.manual_seed(0)
@@ -236,9 +247,11 @@ def test_two_pass_equals_single_graph_with_the_transformer_in_the_loop(float64, 
     encoder, params = functionalize(MiniLMTop(net, top=1))
     assert all(k.startswith("encoder.layer.1.") for k in params)
     kwargs = dict(inner_lr=0.1, head_lr=0.5, steps=2)
-    loss_1, _, single = meta_gradient(fo_proto_maml(encoder, **kwargs), params, tasks, mode=mode)
-    loss_2, _, two = meta_gradient(fo_proto_maml(encoder, two_pass=True, **kwargs), params, tasks, mode=mode)
+    loss_1, metrics_1, single = meta_gradient(fo_proto_maml(encoder, **kwargs), params, tasks, mode=mode)
+    loss_2, metrics_2, two = meta_gradient(
+        fo_proto_maml(encoder, two_pass=True, query_chunk_size=query_chunk_size, **kwargs), params, tasks, mode=mode)
     assert torch.allclose(loss_1, loss_2, rtol=1e-13, atol=0)
+    assert all(torch.allclose(metrics_1[k], metrics_2[k], rtol=1e-13, atol=0) for k in metrics_1)
     assert sum(float(v.abs().sum()) for v in single.values()) > 0
     assert tree_relative_error(two, single) < 1e-10
     loss_2nd, _, second = meta_gradient(proto_maml(encoder, **kwargs), params, tasks, mode=mode)

@@ -69,7 +69,8 @@ def _linear(features: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
 
 
 def _proto_maml(name: str, encoder: ModelFn, *, inner_lr: float, head_lr: float | None, steps: int,
-                first_order: bool, two_pass: bool, ways: int | None, adapt: Selector) -> MetaLearner:
+                first_order: bool, two_pass: bool, ways: int | None, adapt: Selector,
+                query_chunk_size: int | None = None) -> MetaLearner:
     check_model(encoder, name)
     check_positive(name, "inner_lr", inner_lr)
     head_lr = check_positive(name, "head_lr", head_lr) if head_lr is not None else float(inner_lr)
@@ -80,6 +81,14 @@ def _proto_maml(name: str, encoder: ModelFn, *, inner_lr: float, head_lr: float 
     if two_pass and not first_order:
         raise ValueError(f"{name}: two_pass=True is the first-order gradient path; use fo_proto_maml(..., "
                          "two_pass=True) (second-order ProtoMAML keeps the inner-loop graph)")
+    if query_chunk_size is not None:
+        if isinstance(query_chunk_size, bool) or not isinstance(query_chunk_size, int):
+            raise TypeError(f"{name}: query_chunk_size must be an int or None (got {type(query_chunk_size).__name__} "
+                            f"{query_chunk_size!r})")
+        check_steps(name, "query_chunk_size", query_chunk_size)
+        if not two_pass:
+            raise ValueError(f"{name}: query_chunk_size={query_chunk_size} needs two_pass=True (got two_pass=False); "
+                             "the single-graph path keeps the prototypes' graph alive for the whole query set")
     resolve_ways = WaysResolver(name, check_ways(name, ways))
     adapts_encoder = selector_predicate(adapt, name)
 
@@ -143,13 +152,28 @@ def _proto_maml(name: str, encoder: ModelFn, *, inner_lr: float, head_lr: float 
         phi = tree_detach(phi)
         head = {k: phi[k] for k in _HEAD_KEYS}
 
-        def query_loss(phi_encoder: Params) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
-            features = encoder(phi_encoder, task.query_x)
-            logits = _linear(features, head[HEAD_WEIGHT], head[HEAD_BIAS])
-            loss = F.cross_entropy(logits, task.query_y)
-            return loss, (loss.detach(), logits.detach(), features.detach())
+        # The query loss is a mean over queries, so its gradient is the sum of the chunks' gradients of
+        # sum-over-chunk / n: one chunk's graph at a time (exact when the encoder treats each example on its own).
+        n_query = task.query_x.shape[0]
+        size = query_chunk_size or n_query
+        phi_encoder = encoder_params(phi)
+        grads_a: Params = {}
+        parts: list[tuple[Tensor, ...]] = []
+        for start in range(0, n_query, size):
+            xq, yq = task.query_x[start:start + size], task.query_y[start:start + size]
 
-        grads_a, (loss, logits, features) = _gradient(query_loss, encoder_params(phi), has_aux=True)
+            def query_loss(p: Params, xq: Tensor = xq, yq: Tensor = yq) -> tuple[Tensor, tuple[Tensor, ...]]:
+                features = encoder(p, xq)
+                logits = _linear(features, head[HEAD_WEIGHT], head[HEAD_BIAS])
+                part = F.cross_entropy(logits, yq, reduction="sum") / n_query
+                return part, (part.detach(), logits.detach(), features.detach())
+
+            g, part = _gradient(query_loss, phi_encoder, has_aux=True)
+            grads_a = {k: grads_a[k] + g[k] for k in g} if grads_a else g
+            parts.append(part)
+        loss = parts[0][0] if len(parts) == 1 else torch.stack([part[0] for part in parts]).sum()
+        logits = torch.cat([part[1] for part in parts])
+        features = torch.cat([part[2] for part in parts])
 
         # (b) the prototypes again, with a graph on the base encoder; the rewrite; the stored features through
         # the output layer; backpropagate into the base encoder.
@@ -227,7 +251,8 @@ def proto_maml(encoder: ModelFn, *, inner_lr: float = 0.1, head_lr: float | None
 
 
 def fo_proto_maml(encoder: ModelFn, *, inner_lr: float = 0.1, head_lr: float | None = None, steps: int = 1,
-                  ways: int | None = None, two_pass: bool = False, adapt: Selector = None) -> MetaLearner:
+                  ways: int | None = None, two_pass: bool = False, adapt: Selector = None,
+                  query_chunk_size: int | None = None) -> MetaLearner:
     """fo-ProtoMAML: first order in the inner loop (``d phi / d theta = I``), exact through the prototypes.
 
     ``two_pass=True`` computes the same meta-gradient with only one graph alive at a time: (a) prototypes without a
@@ -241,6 +266,12 @@ def fo_proto_maml(encoder: ModelFn, *, inner_lr: float = 0.1, head_lr: float | N
     two gradients use ``torch.autograd.grad``; under ``vmap`` (or inside ``torch.func.grad``) they use
     :func:`torch.func.grad`, which keeps each pass's graph differentiable while it runs.
 
+    ``query_chunk_size`` (two-pass only) takes pass (a)'s query gradient over that many queries at a time, so only
+    one chunk's graph is alive; the single-graph path cannot, as the prototypes' graph must live through the whole
+    query set. It is the same gradient only for an encoder that treats each example on its own (a transformer,
+    LayerNorm, GroupNorm, InstanceNorm, a Conv-4 without norm); with batch statistics (BatchNorm in training
+    mode) each chunk would be normalised by its own statistics, a different function.
+
     Example:
         >>> import torch
         >>> from metafunc import Task, functionalize, meta_batch
@@ -252,4 +283,4 @@ def fo_proto_maml(encoder: ModelFn, *, inner_lr: float = 0.1, head_lr: float | N
         >>> loss.backward()
     """
     return _proto_maml("fo_proto_maml", encoder, inner_lr=inner_lr, head_lr=head_lr, steps=steps, first_order=True,
-                       two_pass=two_pass, ways=ways, adapt=adapt)
+                       two_pass=two_pass, ways=ways, adapt=adapt, query_chunk_size=query_chunk_size)

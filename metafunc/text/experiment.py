@@ -128,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--out-features", type=int, default=128)
     p.add_argument("--two-pass", action="store_true", help="fo_proto_maml: the two-pass meta-gradient")
+    p.add_argument("--query-chunk-size", type=int, default=None,
+                   help="fo_proto_maml --two-pass: the query gradient over this many queries at a time (memory)")
     p.add_argument("--mode", choices=("vmap", "loop"), default="vmap")
     p.add_argument("--episodes", type=int, default=600)
     p.add_argument("--seed", type=int, default=0)
@@ -145,6 +147,11 @@ def _learner(args: argparse.Namespace, model: Any):
     name = "protonet" if args.algorithm == "protonet_frozen" else args.algorithm
     spec = LEARNERS[name]
     options = {"head_lr": args.head_lr, "adapt": adapt, "two_pass": args.two_pass}
+    if args.query_chunk_size is not None:
+        if not spec.accepts("query_chunk_size"):
+            raise ValueError(f"metafunc.text.experiment: --query-chunk-size is an option of fo_proto_maml --two-pass "
+                             f"(got --algorithm {args.algorithm})")
+        options["query_chunk_size"] = args.query_chunk_size
     return spec.build(model, inner_lr=args.inner_lr, steps=args.inner_steps, ways=args.ways,
                       **{k: v for k, v in options.items() if spec.accepts(k)})
 
