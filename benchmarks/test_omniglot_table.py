@@ -37,3 +37,15 @@ def test_the_table_script_runs_end_to_end_at_a_smoke_budget(tmp_path):
     table = (out / "table.md").read_text()
     assert "every learner trained for 2 s of meta-steps" in table and "| maml |" in table and "| protonet |" in table
     assert (out / "validation_vs_time.png").read_bytes()[:4] == b"\x89PNG"
+
+    # A second invocation with the same OUT reuses the rows instead of retraining; other settings are refused.
+    stamp = (out / "maml" / "checkpoint.pt").stat().st_mtime_ns
+    assert omniglot_table.main(["--budget", "2", "--learners", "protonet", "maml", "--episodes", "10",
+                                "--data-root", str(Path(data, "omniglot")), "--out", str(out)]) == 0
+    assert (out / "maml" / "checkpoint.pt").stat().st_mtime_ns == stamp
+    again = json.loads((out / "results.json").read_text())
+    assert [r["learner"] for r in again] == ["protonet", "maml"] and again[1]["tests"] == maml["tests"]
+    with pytest.raises(RuntimeError, match=r"omniglot_table: .*maml/row.json was made with other settings .*"
+                                           r"budget 2.0\); delete .* to rerun maml"):
+        omniglot_table.main(["--budget", "3", "--learners", "maml", "--data-root", str(Path(data, "omniglot")),
+                             "--out", str(out)])
