@@ -27,6 +27,7 @@ from metafunc import (
     Task,
     anil,
     boil,
+    checkpointed_maml,
     convert_norm_layers,
     fomaml,
     functionalize,
@@ -93,6 +94,20 @@ def test_meta_gradient_equals_autograd_reference(algorithm, model_name, steps, m
     grads = _metafunc_gradient(learner, params, tasks, mode=mode)
     assert sum(float(g.norm()) for g in reference.values()) > 0
     assert relative_error(grads, reference) < 1e-10
+
+
+@pytest.mark.parametrize("mode", ["vmap", "loop"])
+@pytest.mark.parametrize("hvp", ["reverse", "forward"])
+@pytest.mark.parametrize("model_name", ["conv4-batchnorm", "mlp-layernorm"])
+def test_checkpointed_maml_equals_the_maml_reference_on_torch_modules(model_name, hvp, mode):
+    # Both ways of taking the Hessian-vector products, against second-order MAML written on nn.BatchNorm2d and
+    # nn.LayerNorm (3 steps from 2 checkpoints, so one segment is recomputed).
+    module, tasks, loss, lr = _setup(model_name)
+    model, params = functionalize(convert_norm_layers(module))
+    learner = checkpointed_maml(model, inner_lr=lr, steps=3, checkpoints=2, loss=loss, hvp=hvp)
+    reference = reference_meta_gradient(module, params, tasks, algorithm="maml", inner_lr=lr, steps=3, loss=loss)
+    assert sum(float(g.norm()) for g in reference.values()) > 0
+    assert relative_error(_metafunc_gradient(learner, params, tasks, mode=mode), reference) < 1e-10
 
 
 @pytest.mark.parametrize("algorithm", list(FACTORIES))

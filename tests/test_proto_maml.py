@@ -116,7 +116,7 @@ def test_query_chunk_size_is_checked():
         fo_proto_maml(encoder, query_chunk_size=5)
     with pytest.raises(ValueError, match=r"fo_proto_maml: query_chunk_size must be >= 1 \(got 0\)"):
         fo_proto_maml(encoder, two_pass=True, query_chunk_size=0)
-    with pytest.raises(TypeError, match=r"fo_proto_maml: query_chunk_size must be an int or None \(got float 2.0\)"):
+    with pytest.raises(TypeError, match=r"fo_proto_maml: query_chunk_size must be an int \(got float 2.0\)"):
         fo_proto_maml(encoder, two_pass=True, query_chunk_size=2.0)
 
 

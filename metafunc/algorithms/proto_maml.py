@@ -82,9 +82,6 @@ def _proto_maml(name: str, encoder: ModelFn, *, inner_lr: float, head_lr: float 
         raise ValueError(f"{name}: two_pass=True is the first-order gradient path; use fo_proto_maml(..., "
                          "two_pass=True) (second-order ProtoMAML keeps the inner-loop graph)")
     if query_chunk_size is not None:
-        if isinstance(query_chunk_size, bool) or not isinstance(query_chunk_size, int):
-            raise TypeError(f"{name}: query_chunk_size must be an int or None (got {type(query_chunk_size).__name__} "
-                            f"{query_chunk_size!r})")
         check_steps(name, "query_chunk_size", query_chunk_size)
         if not two_pass:
             raise ValueError(f"{name}: query_chunk_size={query_chunk_size} needs two_pass=True (got two_pass=False); "
@@ -171,7 +168,7 @@ def _proto_maml(name: str, encoder: ModelFn, *, inner_lr: float, head_lr: float 
             g, part = _gradient(query_loss, phi_encoder, has_aux=True)
             grads_a = {k: grads_a[k] + g[k] for k in g} if grads_a else g
             parts.append(part)
-        loss = parts[0][0] if len(parts) == 1 else torch.stack([part[0] for part in parts]).sum()
+        loss = torch.stack([part[0] for part in parts]).sum()
         logits = torch.cat([part[1] for part in parts])
         features = torch.cat([part[2] for part in parts])
 
