@@ -234,3 +234,69 @@ def test_time_budget_ends_on_time_is_recorded_and_resume_spends_what_is_left(tmp
         train(_cfg(tmp_path, "budget", iterations=None, time_budget=1.6, val_every=0), resume=True, progress=False)
     with pytest.raises(ValueError, match=r"train: time_budget must be > 0 \(got -1\)"):
         train(_cfg(tmp_path, "bad", time_budget=-1), progress=False)
+
+
+def test_reptile_with_an_sgd_outer_step_of_1_moves_to_the_mean_adapted_weights(tmp_path):
+    # Reptile's interpolation step theta <- theta + eps * (mean_i phi_i - theta) at eps = 1 lands on the mean of the
+    # task-adapted weights; phi_i computed here by a plain torch.autograd SGD loop, not by metafunc's inner loop.
+    cfg = _cfg(tmp_path, "reptile", algorithm="reptile", iterations=1, inner_steps=3, inner_lr=0.2, outer_lr=1.0,
+               outer_optimizer="sgd")
+    exp = build_experiment(resolve_config(cfg))
+    seen = []
+
+    def record(step):
+        def run(params, tasks):
+            seen.append(({k: v.detach().clone() for k, v in params.items()}, tasks))
+            return step(params, tasks)
+        return run
+
+    result = train(cfg, progress=False, wrap_step=record)
+    start, tasks = seen[0]
+    adapted = []
+    for i in range(tasks.num_tasks):
+        phi = {k: v.clone().requires_grad_(True) for k, v in start.items()}
+        for _ in range(3):
+            loss = F.cross_entropy(exp.model(phi, tasks.support_x[i]), tasks.support_y[i])
+            grads = torch.autograd.grad(loss, list(phi.values()))
+            phi = {k: (v - 0.2 * g).detach().requires_grad_(True) for (k, v), g in zip(phi.items(), grads)}
+        adapted.append(phi)
+    mean_adapted = {k: torch.stack([a[k] for a in adapted]).mean(0) for k in start}
+    assert tree_relative_error(result.params, mean_adapted) < 1e-5   # float32 rounding
+    assert tree_relative_error(start, mean_adapted) > 1e-3   # the step did move the weights
+
+
+def test_linear_outer_lr_schedule_anneals_to_zero_and_resume_refuses_another_optimizer(tmp_path):
+    cfg = _cfg(tmp_path, "linear", iterations=4, outer_lr=0.5, outer_optimizer="sgd", outer_lr_schedule="linear")
+    steps = []
+
+    def record(step):
+        def run(params, tasks):
+            loss, metrics, grads = step(params, tasks)
+            steps.append(({k: v.detach().clone() for k, v in params.items()}, grads))
+            return loss, metrics, grads
+        return run
+
+    result = train(cfg, progress=False, wrap_step=record)
+    after = [p for p, _ in steps[1:]] + [result.params]
+    for (before, grads), nxt, lr in zip(steps, after, [0.5, 0.375, 0.25, 0.125]):
+        expected = {k: before[k] - lr * grads[k] for k in before}
+        assert tree_relative_error(nxt, expected) < 1e-6, lr
+    with pytest.raises(ValueError, match=r"outer_optimizer: checkpoint 'sgd' vs now 'adam'"):
+        train(_cfg(tmp_path, "linear", iterations=6, outer_lr=0.5, outer_lr_schedule="linear"), resume=True,
+              progress=False)
+    with pytest.raises(ValueError, match=r"train: outer_optimizer must be one of 'adam', 'sgd' \(got 'rmsprop'\)"):
+        resolve_config(TrainConfig(outer_optimizer="rmsprop"))
+    with pytest.raises(ValueError, match=r"train: outer_lr_schedule must be one of 'constant', 'linear'"):
+        resolve_config(TrainConfig(outer_lr_schedule="cosine"))
+
+
+def test_a_checkpoint_written_before_the_outer_optimizer_setting_resumes_as_adam(tmp_path):
+    cfg = _cfg(tmp_path, "old", iterations=2)
+    first = train(cfg, progress=False, stop_after=1)
+    path = first.out / "checkpoint.pt"
+    ckpt = load_checkpoint(path)
+    for key in ("outer_optimizer", "outer_lr_schedule"):
+        del ckpt["config"][key]
+    torch.save(ckpt, path)
+    resumed = train(cfg, resume=True, progress=False)
+    assert [r["iteration"] for r in _train_records(resumed.out)] == [1, 2]

@@ -60,7 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--inner-steps", type=int, help="inner SGD steps in training (default 1)")
     t.add_argument("--eval-inner-steps", type=int, help="inner steps at validation (sinusoid 10, omniglot 3)")
     t.add_argument("--inner-lr", type=float, help="inner learning rate (sinusoid 0.01, omniglot 0.4)")
-    t.add_argument("--outer-lr", type=float, help="Adam learning rate of the meta-update (default 1e-3)")
+    t.add_argument("--outer-lr", type=float, help="learning rate of the meta-update (default 1e-3)")
+    t.add_argument("--outer-optimizer", choices=("adam", "sgd"),
+                   help="the meta-update: adam (default) or sgd (Reptile's interpolation step: --outer-lr 1 moves the "
+                        "initialisation to the mean adapted weights)")
+    t.add_argument("--outer-lr-schedule", choices=("constant", "linear"),
+                   help="constant (default), or linear: anneal --outer-lr to 0 over the run (over --time-budget when "
+                        "given), as Reptile does")
     t.add_argument("--iterations", "--steps", dest="iterations", type=int,
                    help="meta-iterations (sinusoid 70000, the MAML paper's budget; omniglot 2000)")
     t.add_argument("--val-every", type=int, help="validate every N iterations (0: only at the end)")

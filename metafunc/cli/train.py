@@ -84,7 +84,9 @@ def run_train(args: argparse.Namespace) -> int:
         if is_main:
             length = (f"a {cfg.time_budget:g} s budget" if cfg.time_budget is not None else f"{cfg.iterations} iterations")
             print(f"metafunc train: {cfg.algorithm} on {cfg.dataset}, {length}, meta-batch "
-                  f"{cfg.meta_batch}, inner lr {cfg.inner_lr} x {cfg.inner_steps} step(s), Adam {cfg.outer_lr}, "
+                  f"{cfg.meta_batch}, inner lr {cfg.inner_lr} x {cfg.inner_steps} step(s), "
+                  f"{'Adam' if cfg.outer_optimizer == 'adam' else 'SGD'} {cfg.outer_lr:g}"
+                  f"{' annealed linearly to 0' if cfg.outer_lr_schedule == 'linear' else ''}, "
                   f"device {cfg.device}, out {cfg.out}" + (f" (resuming from {resume})" if resume else ""))
         result = train(cfg, resume=resume, is_main=is_main, progress=progress, **dist_kwargs)
     except (NonFiniteError, Preempted, CheckpointError) as e:

@@ -12,7 +12,7 @@ from metafunc._shared import check_choice, check_positive, check_steps
 from metafunc.core.batching import Mode
 from metafunc.registry import LEARNERS
 
-__all__ = ["TrainConfig", "ResolvedConfig", "UNLIMITED_ITERATIONS", "IMAGE_BENCHMARKS", "BACKBONES", "IMAGE_SIZES",
+__all__ = ["TrainConfig", "ResolvedConfig", "UNLIMITED_ITERATIONS", "OUTER_OPTIMIZERS", "OUTER_LR_SCHEDULES", "IMAGE_BENCHMARKS", "BACKBONES", "IMAGE_SIZES",
            "DATA_FOLDERS", "DATASETS", "DATASET_DEFAULTS", "RESUME_KEYS", "resolve_config"]
 
 IMAGE_BENCHMARKS = ("cifar_fs", "fc100", "mini_imagenet", "tiered_imagenet")
@@ -58,8 +58,17 @@ DATA_FOLDERS = {"omniglot": "omniglot", "cifar_fs": "cifar100", "fc100": "cifar1
 UNLIMITED_ITERATIONS = 10**9
 """``iterations`` of a run with a ``time_budget`` and no iteration count of its own."""
 
+OUTER_OPTIMIZERS = ("adam", "sgd")
+"""``--outer-optimizer``: Adam (the MAML paper's) or plain SGD (Reptile's interpolation step: with
+:func:`metafunc.reptile`, SGD at ``outer_lr`` epsilon moves the initialisation ``epsilon`` of the way to the mean of
+the adapted weights)."""
+
+OUTER_LR_SCHEDULES = ("constant", "linear")
+"""``--outer-lr-schedule``: a constant ``outer_lr``, or one annealed linearly to 0 over the run (Reptile's
+schedule): over ``iterations``, or over ``time_budget`` (by the meta-step seconds spent) when a budget is given."""
+
 RESUME_KEYS = ("algorithm", "dataset", "ways", "shots", "queries", "meta_batch", "inner_steps", "inner_lr",
-               "outer_lr", "seed", "width", "mode", "options", "backbone")
+               "outer_lr", "seed", "width", "mode", "options", "backbone", "outer_optimizer", "outer_lr_schedule")
 """Settings that must be equal between a checkpoint and the run that resumes it (``iterations`` may grow)."""
 
 
@@ -109,6 +118,10 @@ class TrainConfig:
     """A non-finite meta-loss or meta-gradient: ``"stop"`` the run (exit status 3), or ``"skip"`` the step."""
     max_nonfinite: int = 10
     """With ``on_nonfinite="skip"``: the run stops once this many steps have been skipped."""
+    outer_optimizer: str = "adam"
+    """The meta-update: ``"adam"`` or ``"sgd"`` (:data:`OUTER_OPTIMIZERS`)."""
+    outer_lr_schedule: str = "constant"
+    """``"constant"`` or ``"linear"`` (annealed to 0 over the run; :data:`OUTER_LR_SCHEDULES`)."""
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict of the settings."""
@@ -194,6 +207,8 @@ def resolve_config(config: TrainConfig) -> ResolvedConfig:
         raise ValueError(f"train: algorithm {cfg.algorithm!r} is a few-shot classifier; use it with --dataset "
                          "omniglot (or synthetic), not sinusoid regression")
     check_choice("train", "on_nonfinite", cfg.on_nonfinite, ("stop", "skip"))
+    check_choice("train", "outer_optimizer", cfg.outer_optimizer, OUTER_OPTIMIZERS)
+    check_choice("train", "outer_lr_schedule", cfg.outer_lr_schedule, OUTER_LR_SCHEDULES)
     check_choice("train", "backbone", cfg.backbone, BACKBONES)
     if cfg.backbone != "conv4" and cfg.dataset not in IMAGE_BENCHMARKS:
         raise ValueError(f"train: --backbone {cfg.backbone} is for the image benchmarks ({', '.join(IMAGE_BENCHMARKS)}); "

@@ -47,7 +47,7 @@ from metafunc.train.plots import plot_learning_curve
 
 __all__ = ["TrainResult", "train", "default_is_main", "checkpoint_state", "restore_checkpoint", "trainer_step",
            "NonFiniteError", "Preempted", "EXIT_NONFINITE", "EXIT_PREEMPTED", "EXIT_CHECKPOINT", "STOP_SIGNALS",
-           "nonfinite_quantity"]
+           "nonfinite_quantity", "outer_optimizer", "outer_lr_at"]
 
 EXIT_NONFINITE = 3
 """``metafunc train``'s exit status when the meta-loss or meta-gradient stopped being finite."""
@@ -205,6 +205,40 @@ def checkpoint_state(cfg: ResolvedConfig, iteration: int, params: Params, optimi
     }
 
 
+def outer_optimizer(cfg: ResolvedConfig, params: Params) -> torch.optim.Optimizer:
+    """The meta-update's optimizer: ``torch.optim.Adam`` or ``torch.optim.SGD`` at ``cfg.outer_lr``
+    (``cfg.outer_optimizer``).
+
+    Example:
+        >>> p = {"w": torch.zeros(2, requires_grad=True)}
+        >>> type(outer_optimizer(resolve_config(TrainConfig(outer_optimizer="sgd")), p)).__name__
+        'SGD'
+    """
+    if cfg.outer_optimizer == "sgd":
+        return torch.optim.SGD(params.values(), lr=cfg.outer_lr)
+    return torch.optim.Adam(params.values(), lr=cfg.outer_lr)
+
+
+def outer_lr_at(cfg: ResolvedConfig, iteration: int, train_seconds: float) -> float:
+    """The outer learning rate of meta-step ``iteration`` (0-based), ``train_seconds`` of meta-steps into the run:
+    ``cfg.outer_lr``, or with ``outer_lr_schedule="linear"`` that times the fraction of the run left (of
+    ``time_budget`` seconds when a budget is set, else of ``iterations``), as Reptile anneals its step size to 0.
+
+    Example:
+        >>> cfg = resolve_config(TrainConfig(outer_lr=1.0, iterations=4, outer_lr_schedule="linear"))
+        >>> [outer_lr_at(cfg, i, 0.0) for i in range(4)]
+        [1.0, 0.75, 0.5, 0.25]
+    """
+    if cfg.outer_lr_schedule == "constant":
+        return cfg.outer_lr
+    done = train_seconds / cfg.time_budget if cfg.time_budget is not None else iteration / cfg.iterations
+    return cfg.outer_lr * max(0.0, 1.0 - done)
+
+
+_OLD_CHECKPOINT_DEFAULTS = {"outer_optimizer": "adam", "outer_lr_schedule": "constant"}
+# Settings added after checkpoints were first written: a checkpoint without them was trained with these.
+
+
 def restore_checkpoint(checkpoint: dict[str, Any], cfg: ResolvedConfig, params: Params,
                        optimizer: torch.optim.Optimizer, generator: torch.Generator) -> int:
     """Load a :func:`checkpoint_state` into live objects (checking it fits) and return its iteration.
@@ -215,6 +249,7 @@ def restore_checkpoint(checkpoint: dict[str, Any], cfg: ResolvedConfig, params: 
         >>> restore_checkpoint(checkpoint_state(TrainConfig(), 7, p, opt, g, [], 0.0), TrainConfig(), p, opt, g)
         7
     """
+    checkpoint = {**checkpoint, "config": {**_OLD_CHECKPOINT_DEFAULTS, **(checkpoint.get("config") or {})}}
     check_compatible(checkpoint, params, config=cfg.to_dict(), keys=RESUME_KEYS, caller="train --resume")
     with torch.no_grad():
         for k, v in params.items():
@@ -255,7 +290,8 @@ def train(config: TrainConfig, *, resume: bool | str | os.PathLike = False,
           wrap_step: Callable[[MetaStep], MetaStep] | None = None,
           sync_flag: Callable[..., tuple[bool, ...]] | None = None,
           barrier: Callable[[], None] | None = None) -> TrainResult:
-    """Meta-train ``config.algorithm`` on ``config.dataset`` with Adam(``outer_lr``) for ``config.iterations``.
+    """Meta-train ``config.algorithm`` on ``config.dataset`` with Adam(``outer_lr``) (or the optimizer and schedule
+    of ``outer_optimizer`` and ``outer_lr_schedule``) for ``config.iterations``.
 
     Writes to ``config.out`` (main process only): ``config.json``, ``metrics.jsonl`` (one JSON record per
     iteration, ``"split": "train"``, and per validation, ``"split": "val"``), ``checkpoint.pt`` (atomically, every
@@ -292,7 +328,7 @@ def train(config: TrainConfig, *, resume: bool | str | os.PathLike = False,
     if train_source is not None:
         exp = exp._replace(sources={**exp.sources, "train": train_source(exp.sources["train"])})
     params = exp.params
-    optimizer = torch.optim.Adam(params.values(), lr=cfg.outer_lr)
+    optimizer = outer_optimizer(cfg, params)
     generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     start, seconds, train_seconds = 0, 0.0, 0.0
@@ -355,6 +391,9 @@ def train(config: TrainConfig, *, resume: bool | str | os.PathLike = False,
                 rec.update({k: float(v) for k, v in metrics.items()})
                 if bad is None:
                     apply_grads(params, grads)
+                    if cfg.outer_lr_schedule != "constant":
+                        for group in optimizer.param_groups:
+                            group["lr"] = outer_lr_at(cfg, it, train_seconds)
                     optimizer.step()
                     train_seconds += time.perf_counter() - step_start
                 else:
