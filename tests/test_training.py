@@ -284,6 +284,11 @@ def test_linear_outer_lr_schedule_anneals_to_zero_and_resume_refuses_another_opt
     with pytest.raises(ValueError, match=r"outer_optimizer: checkpoint 'sgd' vs now 'adam'"):
         train(_cfg(tmp_path, "linear", iterations=6, outer_lr=0.5, outer_lr_schedule="linear"), resume=True,
               progress=False)
+    with pytest.raises(ValueError, match=r"anneals by each process's own clock, so the processes of a distributed "
+                                         r"run would step differently; pass --iterations and no --time-budget"):
+        train(_cfg(tmp_path, "dist", time_budget=1.0, outer_lr_schedule="linear"), progress=False,
+              sync_flag=lambda *flags: flags)
+    assert not (tmp_path / "dist").exists()   # refused before anything was built or written
     with pytest.raises(ValueError, match=r"train: outer_optimizer must be one of 'adam', 'sgd' \(got 'rmsprop'\)"):
         resolve_config(TrainConfig(outer_optimizer="rmsprop"))
     with pytest.raises(ValueError, match=r"train: outer_lr_schedule must be one of 'constant', 'linear'"):

@@ -228,6 +228,9 @@ def outer_lr_at(cfg: ResolvedConfig, iteration: int, train_seconds: float) -> fl
         >>> cfg = resolve_config(TrainConfig(outer_lr=1.0, iterations=4, outer_lr_schedule="linear"))
         >>> [outer_lr_at(cfg, i, 0.0) for i in range(4)]
         [1.0, 0.75, 0.5, 0.25]
+        >>> budget = resolve_config(TrainConfig(outer_lr=1.0, time_budget=60.0, outer_lr_schedule="linear"))
+        >>> outer_lr_at(budget, 0, 15.0), outer_lr_at(budget, 9, 75.0)   # a quarter spent; past the budget
+        (0.75, 0.0)
     """
     if cfg.outer_lr_schedule == "constant":
         return cfg.outer_lr
@@ -321,6 +324,11 @@ def train(config: TrainConfig, *, resume: bool | str | os.PathLike = False,
         2
     """
     cfg = resolve_config(config)
+    if sync_flag is not None and cfg.outer_lr_schedule == "linear" and cfg.time_budget is not None:
+        # each rank measures its own seconds, so a schedule over the budget would give the ranks different steps
+        raise ValueError("train: --outer-lr-schedule linear with --time-budget anneals by each process's own clock, "
+                         "so the processes of a distributed run would step differently; pass --iterations and no "
+                         "--time-budget to anneal over iterations")
     if is_main is None:
         is_main = default_is_main()
     out = Path(cfg.out)
