@@ -3,9 +3,11 @@ caller, the argument and the fix), whether a ``torch.func`` transform is running
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,7 @@ from typing import Any
 import torch
 
 __all__ = ["check_positive", "check_steps", "check_nonnegative", "check_choice", "under_func_transform", "save_atomic", "atomic_write_text",
-           "strict_json", "json_safe"]
+           "strict_json", "json_safe", "load_attr", "file_mode"]
 
 
 def under_func_transform() -> bool:
@@ -23,13 +25,23 @@ def under_func_transform() -> bool:
     return peek is None or peek() is not None
 
 
+def file_mode() -> int:
+    """The mode a new file gets from ``open()`` under the current umask (``0o666 & ~umask``, usually ``0o644``):
+    every file metafunc writes atomically gets it too, so a run's files all share one mode."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _replace_atomically(path: str | os.PathLike, mode: str, write: Any) -> Path:
     """Call ``write(file)`` on a temp file beside ``path`` opened with ``mode``, fsync, then ``os.replace`` it onto
-    ``path``; on any error the temp file is removed and ``path`` is left as it was."""
+    ``path``; on any error the temp file is removed and ``path`` is left as it was. The file gets
+    :func:`file_mode` (``mkstemp`` alone would leave it ``0o600``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, file_mode())
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()
@@ -104,3 +116,31 @@ def strict_json(value: Any, **kwargs: Any) -> str:
     """``json.dumps`` of :func:`json_safe` ``(value)`` with ``allow_nan=False``: every file metafunc writes parses
     with a strict JSON reader; a non-finite number is written as ``null``."""
     return json.dumps(json_safe(value), allow_nan=False, **kwargs)
+
+
+def load_attr(spec: str, *, caller: str, flag: str, what: str) -> Any:
+    """The object ``module:attr`` names (``attr`` may be dotted), imported with the current folder on ``sys.path``;
+    errors name ``caller``, the ``flag`` and what was expected (``what``), never a bare ``ImportError``.
+
+    Example:
+        >>> load_attr("os.path:join", caller="metafunc train", flag="--model", what="a model factory").__name__
+        'join'
+    """
+    module_name, _, attr = str(spec).partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"{caller}: {flag} must be 'module:attr' naming {what} (got {spec!r})")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"{caller}: cannot import {module_name!r} for {flag} {spec!r} ({e}); run from the folder "
+                         "that holds it or put it on PYTHONPATH") from e
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"{caller}: module {module_name!r} has no attribute {attr!r} ({flag} {spec!r})")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(f"{caller}: {flag} {spec!r} is not callable; name {what}")
+    return obj
