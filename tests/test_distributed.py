@@ -104,6 +104,18 @@ def _train(name: str, steps: int, *, rank: int = 0, world_size: int = 1, mode: s
     return {k: v.detach().clone() for k, v in params.items()}
 
 
+def _backward_step(learner, mode: str = "vmap"):
+    """A hand-written meta-step of the contract: ``loss.backward()`` on this rank's share, then ``{name: p.grad}``."""
+    def step(params: dict, tasks: Task):
+        for p in params.values():
+            p.grad = None
+        loss, metrics = meta_batch(learner.meta_loss, mode=mode)(params, tasks)
+        loss.backward()
+        return loss, metrics, {k: v.grad for k, v in params.items()}
+
+    return step
+
+
 def _reference_meta_grad(params: dict, tasks: Task, inner_steps: int = 2) -> dict:
     """MAML's meta-gradient by a plain loop over tasks with torch.autograd.grad(create_graph=True)."""
     model, _ = _model()
@@ -144,13 +156,9 @@ def worker_equivalence(out: str) -> None:
     model, params = _model()
     learner = _learner("maml", model)
     for mode in ("vmap", "loop"):
-        # path 1: meta_batch(...) then backward, then the weighted all-reduce of .grad
-        for p in params.values():
-            p.grad = None
-        loss, metrics = meta_batch(learner.meta_loss, mode=mode)(params, tasks)
-        loss.backward()
-        loss, metrics = D.all_reduce_meta_grads(params, tasks.num_tasks, loss, metrics)
-        result[f"backward_{mode}"] = {k: v.grad.clone() for k, v in params.items()}
+        # path 1: a step that calls meta_batch(...) then loss.backward() and returns the .grad, sharded
+        loss, metrics, grads = D.sharded(_backward_step(learner, mode))(params, tasks)
+        result[f"backward_{mode}"] = {k: v.clone() for k, v in grads.items()}
         result[f"loss_{mode}"] = loss
         # path 2: the default meta-step, sharded
         _, _, grads = D.sharded(meta_value_and_grad(learner, mode=mode))(params, tasks)
@@ -163,6 +171,10 @@ def worker_equivalence(out: str) -> None:
         return loss, metrics, dict(zip(p, torch.autograd.grad(loss, list(p.values()))))
 
     result["grads_fn"] = D.sharded(fo_step)(params, tasks)[2]
+    # the all-reduce itself, on values of two dtypes weighted 1 (rank 0) and 2 (rank 1)
+    w = info.rank + 1
+    result["weighted"] = D.weighted_all_reduce([torch.full((2,), float(w), dtype=torch.float32),
+                                                torch.tensor(10.0 * w, dtype=torch.float64)], w)
     result["train_maml"] = _train("maml", 3, rank=info.rank, world_size=info.world_size, mode="vmap")
     result["train_protonet"] = _train("protonet", 3, rank=info.rank, world_size=info.world_size, mode="loop")
     torch.set_default_dtype(torch.float32)      # the training loop's models and task sources are float32
@@ -179,7 +191,8 @@ def worker_teardown() -> None:
     D.init_distributed(timeout=30)
     during = threads()
     import torch._dynamo  # noqa: F401  (binds group.WORLD into torch.distributed.nn.functional's defaults if late)
-    D.all_reduce_meta_grads({"w": torch.ones(3, requires_grad=True)}, 1, torch.ones(()), {})
+    tasks = Task(*(torch.ones(1, 1, 1) for _ in range(4)))
+    D.sharded(lambda p, t: (torch.ones(()), {}, {"w": torch.ones(3)}))({"w": torch.ones(3, requires_grad=True)}, tasks)
     D.shutdown_distributed()
     print(json.dumps({"before": before, "during": during, "after": threads()}))
 
@@ -283,16 +296,17 @@ def test_sharded_source_draws_only_this_ranks_share_and_advances_every_generator
         D.ShardedSource(_draw, rank=2, world_size=2)
 
 
-def test_single_process_all_reduce_is_the_identity(float64):
+def test_single_process_sharded_step_is_the_identity(float64):
     model, params = _model()
     learner = _learner("maml", model)
     tasks = D.sample_shard(_draw, 3, seed=0, step=0)
-    loss, metrics = meta_batch(learner.meta_loss)(params, tasks)
-    loss.backward()
-    before = {k: v.grad.clone() for k, v in params.items()}
-    new_loss, new_metrics = D.all_reduce_meta_grads(params, 3, loss, metrics)
-    assert tree_relative_error({k: v.grad for k, v in params.items()}, before) == 0.0
-    assert torch.equal(new_loss, loss.detach()) and set(new_metrics) == set(metrics)
+    loss, metrics, grads = _backward_step(learner)(params, tasks)
+    before = {k: v.clone() for k, v in grads.items()}
+    new_loss, new_metrics, new_grads = D.sharded(_backward_step(learner))(params, tasks)
+    assert tree_relative_error(new_grads, before) == 0.0
+    assert torch.equal(new_loss, loss.detach()) and new_loss.dtype == loss.dtype
+    assert set(new_metrics) == set(metrics) and all(torch.equal(new_metrics[k], metrics[k]) for k in metrics)
+    assert D.weighted_all_reduce([before["body.0.weight"]], 3)[0].equal(before["body.0.weight"])
     reference = _reference_meta_grad(params, tasks)
     for mode in ("vmap", "loop"):
         _, _, grads = D.sharded(meta_value_and_grad(learner, mode=mode))(params, tasks)
@@ -307,8 +321,11 @@ def test_single_process_all_reduce_is_the_identity(float64):
     (lambda: D.sample_shard(42, 2, seed=0, step=0), "sample_shard: sampler must be callable"),
     (lambda: D.init_distributed(timeout=0), "init_distributed: timeout must be > 0 seconds (got 0)"),
     (lambda: D.init_distributed(backend="mpi"), "init_distributed: backend must be one of"),
-    (lambda: D.all_reduce_meta_grads({"w": torch.ones(1)}, 0), "all_reduce_meta_grads: num_tasks must be >= 1"),
-    (lambda: D.all_reduce_meta_grads([torch.ones(1)], 1), "all_reduce_meta_grads: params must be a non-empty dict"),
+    (lambda: D.weighted_all_reduce([torch.ones(1)], 0), "weighted_all_reduce: weight must be >= 1 (got 0)"),
+    (lambda: D.weighted_all_reduce([torch.ones(1, dtype=torch.long)], 1),
+     "weighted_all_reduce: tensors must be floating-point tensors; those at [0] are not"),
+    (lambda: D.sharded(lambda p, t: None)([torch.ones(1)], Task(*(torch.ones(2, 1, 1) for _ in range(4)))),
+     "sharded: params must be a non-empty dict"),
     (lambda: D.sharded(42), "sharded: step must be a meta-step step(params, tasks) -> (loss, metrics, grads)"),
     (lambda: D.sharded(lambda p, t: (t, {}))({"w": torch.ones(1)}, Task(*(torch.ones(2, 1, 1) for _ in range(4)))),
      "sharded: step must return (loss, metrics, grads)"),
@@ -358,6 +375,9 @@ def test_two_ranks_equal_one_process_on_the_whole_meta_batch(tmp_path, float64):
             assert tree_relative_error(result[f"sharded_{mode}"], reference) < 1e-10, mode
             assert abs(result[f"loss_{mode}"].item() - maml_loss.item()) < 1e-12 * abs(maml_loss.item())
         assert tree_relative_error(result["grads_fn"], fo_reference) < 1e-10
+        half, tenth = result["weighted"]                   # (1 * 1 + 2 * 2) / 3 and (1 * 10 + 2 * 20) / 3
+        assert half.dtype == torch.float32 and torch.allclose(half, torch.full((2,), 5 / 3, dtype=torch.float32), rtol=1e-6, atol=0)
+        assert tenth.dtype == torch.float64 and abs(tenth.item() - 50 / 3) < 1e-12
         for name, single in trained.items():
             assert tree_relative_error(result[name], single) < 1e-10, name
             assert tree_relative_error(result[name], _setup(name.split("_")[1])[0]) > 1e-3, name   # training moved the parameters

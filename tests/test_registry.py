@@ -263,10 +263,10 @@ def test_the_import_graph_has_no_cycles():
 
 
 def test_the_layers_show_in_the_folders():
-    for folder in ("core", "step", "algorithms", "gradients", "nn", "data", "train", "cli"):
+    for folder in ("core", "step", "algorithms", "gradients", "nn", "data", "distributed", "train", "cli"):
         assert (PACKAGE / folder / "__init__.py").is_file(), folder
     flat = sorted(p.name for p in PACKAGE.glob("*.py"))
-    assert flat == ["__init__.py", "__main__.py", "_shared.py", "distributed.py", "registry.py"], flat
+    assert flat == ["__init__.py", "__main__.py", "_shared.py", "registry.py"], flat
 
 
 def test_import_metafunc_stays_light():
