@@ -9,7 +9,8 @@ from reference import reference_meta_gradient
 
 from metafunc import functionalize, maml, meta_batch, models
 from metafunc.core.tree import tree_relative_error
-from metafunc.data import EpisodeSampler
+from metafunc.data import EpisodeSampler, SplitSamplers
+from metafunc.data.episodes import check_class_sizes
 
 
 def coded_data(classes: int = 10, per_class: int = 6, size: int = 4):
@@ -173,6 +174,73 @@ def test_sample_errors():
         sampler.sample(0, torch.Generator())
     with pytest.raises(TypeError, match="generator must be a torch.Generator"):
         sampler.sample(2, 0)
+
+
+def _counting_builds(spec: dict[str, dict]) -> tuple[SplitSamplers, list[str]]:
+    images, labels = coded_data()
+    calls: list[str] = []
+
+    def build(name: str):
+        def make() -> EpisodeSampler:
+            calls.append(name)
+            return EpisodeSampler(images, labels, shots=1, queries=1, **spec[name])
+        return make
+
+    samplers = SplitSamplers({name: build(name) for name in spec}, ways={n: s["ways"] for n, s in spec.items()},
+                             num_classes={name: 10 for name in spec})
+    return samplers, calls
+
+
+def test_split_samplers_build_each_split_once_on_first_use():
+    samplers, calls = _counting_builds({"train": dict(ways=4, rotations=True), "val": dict(ways=11),
+                                        "test": dict(ways=3)})
+    # looking at the mapping builds nothing, and the impossible 11-way val split never raises unless it is read
+    assert list(samplers) == ["train", "val", "test"] and len(samplers) == 3 and "val" in samplers
+    assert "other" not in samplers and samplers.ways == {"train": 4, "val": 11, "test": 3} and calls == []
+    assert samplers.built == () and "val: 11-way of 10 classes (not built)" in repr(samplers)
+    test = samplers["test"]
+    assert samplers["test"] is test and test.ways == 3 and calls == ["test"] and samplers.built == ("test",)
+    task = test.sample(2, torch.Generator().manual_seed(0))
+    direct = EpisodeSampler(*coded_data(), ways=3, shots=1, queries=1).sample(2, torch.Generator().manual_seed(0))
+    assert all(torch.equal(a, b) for a, b in zip(task, direct))  # the sampler a direct construction gives
+    with pytest.raises(ValueError, match=r"EpisodeSampler: ways = 11 but the data set has only 10 classes"):
+        samplers["val"]
+    with pytest.raises(ValueError, match=r"ways = 11"):  # a failed build is not kept: it raises again
+        samplers["val"]
+    assert calls == ["test", "val", "val"] and samplers.built == ("test",)
+    with pytest.raises(KeyError):
+        samplers["other"]
+    assert samplers.get("train").rotations and calls == ["test", "val", "val", "train"]
+
+
+def test_split_samplers_build_once_under_threads():
+    import threading
+
+    samplers, calls = _counting_builds({"train": dict(ways=4, rotations=True)})
+    got: list[EpisodeSampler] = []
+    threads = [threading.Thread(target=lambda: got.append(samplers["train"])) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert calls == ["train"] and len(got) == 8 and all(s is got[0] for s in got)
+
+
+def test_split_samplers_need_the_same_splits_everywhere():
+    with pytest.raises(ValueError, match=r"SplitSamplers: build, ways and num_classes must name the same splits "
+                                         r"\(got \['train'\], \['train', 'val'\] and \['train'\]\)"):
+        SplitSamplers({"train": lambda: None}, ways={"train": 5, "val": 5}, num_classes={"train": 8})
+
+
+def test_check_class_sizes_matches_the_sampler():
+    labels = torch.tensor([4, 4, 4, 9, 9, 7, 7, 7])
+    ids, inverse, counts = check_class_sizes(labels, shots=1, queries=1)
+    assert ids.tolist() == [4, 7, 9] and counts.tolist() == [3, 3, 2] and torch.equal(ids[inverse], labels)
+    with pytest.raises(ValueError, match=r"^EpisodeSampler: shots \+ queries = 2 \+ 1 = 3 but some classes have only "
+                                         r"2 examples \(e.g. class ids \[9\]\); lower shots or queries to at most 2"):
+        check_class_sizes(labels, shots=2, queries=1)
+    with pytest.raises(ValueError, match=r"^EpisodeSampler: the data set is empty \(no labels\)"):
+        check_class_sizes(torch.zeros(0, dtype=torch.long), shots=1, queries=1)
 
 
 @pytest.mark.parametrize("algorithm", ["maml", "anil"])

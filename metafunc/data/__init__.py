@@ -23,7 +23,7 @@ from metafunc.data.cifar import (
     load_cifar_fs,
     load_fc100,
 )
-from metafunc.data.episodes import EpisodeSampler
+from metafunc.data.episodes import EpisodeSampler, SplitSamplers
 from metafunc.data.mini_imagenet import (
     MINI_IMAGENET_CLASSES,
     MINI_IMAGENET_PICKLES,
@@ -48,6 +48,7 @@ from metafunc.data.omniglot import (
 
 __all__ = [
     "EpisodeSampler",
+    "SplitSamplers",
     "AugmentedSource",
     "random_crop_flip",
     "Omniglot",

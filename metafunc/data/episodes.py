@@ -7,7 +7,8 @@ examples without replacement, one gather), with no Python loop over images, clas
 
 from __future__ import annotations
 
-from typing import Any
+import threading
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor
@@ -15,13 +16,40 @@ from torch import Tensor
 from metafunc._shared import check_steps
 from metafunc.core.types import Task
 
-__all__ = ["EpisodeSampler"]
+__all__ = ["EpisodeSampler", "SplitSamplers", "check_class_sizes"]
 
 _NAME = "EpisodeSampler"
 
 
 def _check_count(caller: str, name: str, value: Any, minimum: int) -> int:
     return check_steps(caller, name, value, minimum=minimum)
+
+
+def check_class_sizes(labels: Tensor, *, shots: int, queries: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``torch.unique(labels, return_inverse=True, return_counts=True)`` (on the CPU), after checking that every
+    class has at least ``shots + queries`` examples: the check :class:`EpisodeSampler` makes, without building one.
+
+    Example:
+        >>> ids, inverse, counts = check_class_sizes(torch.tensor([3, 3, 5, 5, 5]), shots=1, queries=1)
+        >>> ids.tolist(), counts.tolist()
+        ([3, 5], [2, 3])
+        >>> check_class_sizes(torch.tensor([3, 3, 5, 5, 5]), shots=2, queries=1)
+        Traceback (most recent call last):
+        ValueError: EpisodeSampler: shots + queries = 2 + 1 = 3 but some classes have only 2 examples (e.g. ...
+    """
+    if labels.numel() == 0:
+        raise ValueError(f"{_NAME}: the data set is empty (no labels); pass a split with at least one class")
+    class_ids, inverse, counts = torch.unique(labels.cpu(), return_inverse=True, return_counts=True)
+    per_task = shots + queries
+    smallest = int(counts.min())
+    if smallest < per_task:
+        bad = class_ids[counts < per_task][:5].tolist()
+        raise ValueError(
+            f"{_NAME}: shots + queries = {shots} + {queries} = {per_task} but some classes have only "
+            f"{smallest} examples (e.g. class ids {bad}); lower shots or queries to at most {smallest}, or drop "
+            "the small classes"
+        )
+    return class_ids, inverse, counts
 
 
 class EpisodeSampler:
@@ -93,17 +121,8 @@ class EpisodeSampler:
         self.dtype = dtype
         self.device = torch.device(device) if device is not None else images.device
 
-        class_ids, inverse, counts = torch.unique(labels.cpu(), return_inverse=True, return_counts=True)
+        class_ids, inverse, counts = check_class_sizes(labels, shots=self.shots, queries=self.queries)
         num_base = int(class_ids.numel())
-        per_task = self.shots + self.queries
-        smallest = int(counts.min())
-        if smallest < per_task:
-            bad = class_ids[counts < per_task][:5].tolist()
-            raise ValueError(
-                f"{_NAME}: shots + queries = {self.shots} + {self.queries} = {per_task} but some classes have only "
-                f"{smallest} examples (e.g. class ids {bad}); lower shots or queries to at most {smallest}, or drop "
-                "the small classes"
-            )
         self.num_classes = num_base * (4 if rotations else 1)
         if self.ways > self.num_classes:
             raise ValueError(
@@ -179,3 +198,65 @@ class EpisodeSampler:
             x = x.to(self.dtype).mul_(1 / 255) if self.images.dtype == torch.uint8 else x.to(self.dtype)
             parts += [x, y.to(torch.int64)]
         return Task(*parts)
+
+
+class SplitSamplers(Mapping[str, EpisodeSampler]):
+    """A read-only mapping ``split -> EpisodeSampler`` whose samplers are built on first use, then kept.
+
+    ``build[split]()`` makes the sampler of ``split`` (and raises if ``ways[split]`` does not fit it); it runs the
+    first time ``samplers[split]`` is read, once, so a split never read is never built, never copied to the device,
+    and never checked against its ``ways``. ``ways`` and ``num_classes`` (per split, known before any build; rotated
+    copies count as classes) let a caller check a split, or show its ways, without building it; ``built`` names
+    the splits built so far. ``split in samplers`` and ``list(samplers)`` build nothing; ``.values()`` and
+    ``.items()`` build every split. Building is thread-safe.
+
+    Example:
+        >>> images, labels = torch.rand(60, 4), torch.arange(60) % 6
+        >>> samplers = SplitSamplers(
+        ...     {"train": lambda: EpisodeSampler(images, labels, ways=5, shots=1, queries=2),
+        ...      "val": lambda: EpisodeSampler(images, labels, ways=9, shots=1, queries=2)},
+        ...     ways={"train": 5, "val": 9}, num_classes={"train": 6, "val": 6})
+        >>> samplers["train"].ways, samplers.built, "val" in samplers
+        (5, ('train',), True)
+        >>> samplers["val"]
+        Traceback (most recent call last):
+        ValueError: EpisodeSampler: ways = 9 but the data set has only 6 classes; use ways <= 6
+    """
+
+    def __init__(self, build: Mapping[str, Callable[[], EpisodeSampler]], *, ways: Mapping[str, int],
+                 num_classes: Mapping[str, int]) -> None:
+        if set(ways) != set(build) or set(num_classes) != set(build):
+            raise ValueError(f"SplitSamplers: build, ways and num_classes must name the same splits (got "
+                             f"{sorted(build)}, {sorted(ways)} and {sorted(num_classes)})")
+        self._build = dict(build)
+        self.ways: dict[str, int] = {name: ways[name] for name in self._build}
+        self.num_classes: dict[str, int] = {name: num_classes[name] for name in self._build}
+        self._made: dict[str, EpisodeSampler] = {}
+        self._lock = threading.Lock()
+
+    def __getitem__(self, split: str) -> EpisodeSampler:
+        if split not in self._build:
+            raise KeyError(split)
+        with self._lock:
+            if split not in self._made:
+                self._made[split] = self._build[split]()
+            return self._made[split]
+
+    def __contains__(self, split: object) -> bool:
+        return split in self._build
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._build)
+
+    def __len__(self) -> int:
+        return len(self._build)
+
+    @property
+    def built(self) -> tuple[str, ...]:
+        """The splits built so far, in split order."""
+        return tuple(name for name in self._build if name in self._made)
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{name}: {self.ways[name]}-way of {self.num_classes[name]} classes"
+                          f"{'' if name in self._made else ' (not built)'}" for name in self._build)
+        return f"SplitSamplers({parts})"
