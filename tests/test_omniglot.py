@@ -12,9 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import metafunc.data._benchmark as benchmark_module
 import metafunc.data.omniglot as omniglot_module
 from metafunc.data import (
     OMNIGLOT_MD5,
+    EpisodeSampler,
     Omniglot,
     download_omniglot,
     load_omniglot,
@@ -200,6 +202,49 @@ def test_samplers_protocol(omniglot_root: Path, cache_dir: Path):
     assert twenty["val"].sample(2, torch.Generator().manual_seed(0)).support_x.shape == (2, 20, 1, 28, 28)
 
 
+def _same_tasks(a, b) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_60_way_training_validates_at_20_way(omniglot_root: Path, cache_dir: Path):
+    """Snell et al.'s setting: 60-way train episodes over 140 characters x 4 rotations; the 20 validation characters
+    cap only the validation ways, and each split is built when first read."""
+    samplers = omniglot_samplers(omniglot_root, ways=60, shots=5, queries=5, cache_dir=cache_dir)
+    assert samplers.ways == {"train": 60, "val": 20, "test": 60} and samplers.built == ()
+    assert samplers.num_classes == {"train": 560, "val": 20, "test": 82}
+    train = samplers["train"].sample(2, torch.Generator().manual_seed(0))
+    assert train.support_x.shape == (2, 300, 1, 28, 28) and set(train.query_y.unique().tolist()) == set(range(60))
+    assert samplers.built == ("train",)
+    val = samplers["val"]
+    assert val.ways == 20 and samplers.built == ("train", "val")
+    # the validation episodes are those of a 20-way run: the training ways change nothing in them
+    twenty = omniglot_samplers(omniglot_root, ways=20, shots=5, queries=5, cache_dir=cache_dir)["val"]
+    seeded = torch.Generator().manual_seed
+    assert _same_tasks(val.sample(3, seeded(4)), twenty.sample(3, seeded(4)))
+    # an explicit val_ways at most the split's 20 characters is taken as given
+    five = omniglot_samplers(omniglot_root, ways=60, val_ways=5, shots=5, queries=5, cache_dir=cache_dir)
+    assert five.ways["val"] == 5 and five["val"].sample(1, torch.Generator().manual_seed(0)).support_x.shape[1] == 25
+
+
+def test_30_way_test_sampler_never_builds_val(omniglot_root: Path, cache_dir: Path, monkeypatch):
+    samplers = omniglot_samplers(omniglot_root, ways=30, shots=1, queries=5, cache_dir=cache_dir)
+    test = samplers["test"]
+    assert samplers.built == ("test",) and test.ways == 30 and test.num_classes == 82
+    task = test.sample(2, torch.Generator().manual_seed(0))
+    assert task.support_x.shape == (2, 30, 1, 28, 28) and task.query_y.shape == (2, 150)
+    assert "val" in samplers and list(samplers) == ["train", "val", "test"] and samplers.built == ("test",)
+    # for ways <= 20 every split draws the episodes it drew before (same seed, same episodes)
+    five = omniglot_samplers(omniglot_root, ways=5, shots=1, queries=15, cache_dir=cache_dir)
+    data = load_omniglot(omniglot_root, cache_dir=cache_dir)
+    splits = omniglot_splits(data)
+    for name in ("train", "val", "test"):
+        mask = torch.isin(data.labels, torch.tensor(splits[name]))
+        direct = EpisodeSampler(data.images[mask].unsqueeze(1), data.labels[mask], ways=5, shots=1, queries=15,
+                                rotations=name == "train")
+        g = torch.Generator().manual_seed(11)
+        assert _same_tasks(five[name].sample(4, g), direct.sample(4, torch.Generator().manual_seed(11)))
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 
 
@@ -257,9 +302,27 @@ def test_split_and_sampler_errors(small: Omniglot, omniglot_root: Path, cache_di
         omniglot_splits(small, test_alphabets=("Klingon",))
     with pytest.raises(ValueError, match="variant must be 'small' or 'full'"):
         load_omniglot(omniglot_root, variant="medium")
-    with pytest.raises(ValueError, match=r"omniglot_samplers: the 'val' split \(20 characters.*ways = 21 but the "
-                                         r"data set has only 20 classes"):
-        omniglot_samplers(omniglot_root, ways=21, shots=1, queries=1, cache_dir=cache_dir)
+    with pytest.raises(ValueError, match=r"omniglot_samplers: val_ways = 21 but the 'val' split \(20 characters of "
+                                         r"20 drawings\) has only 20 classes; pass val_ways <= 20, or val_ways=None"):
+        omniglot_samplers(omniglot_root, ways=5, val_ways=21, shots=1, queries=1, cache_dir=cache_dir)
+    with pytest.raises(ValueError, match=r"omniglot_samplers: val_ways must be >= 1 \(got 0\)"):
+        omniglot_samplers(omniglot_root, ways=5, val_ways=0, shots=1, queries=1, cache_dir=cache_dir)
+    with pytest.raises(TypeError, match=r"omniglot_samplers: val_ways must be an int \(got bool True\)"):
+        omniglot_samplers(omniglot_root, ways=5, val_ways=True, shots=1, queries=1, cache_dir=cache_dir)
+    with pytest.raises(ValueError, match=r"omniglot_samplers: ways must be >= 1 \(got 0\)"):
+        omniglot_samplers(omniglot_root / "not-read", ways=0, shots=1, queries=1, cache_dir=cache_dir)
+    # ways beyond the test split's 82 characters: the test split refuses it when it is first read, not before
+    samplers = omniglot_samplers(omniglot_root, ways=83, shots=1, queries=1, cache_dir=cache_dir)
+    with pytest.raises(ValueError, match=r"omniglot_samplers: the 'test' split \(82 characters of 20 drawings\): "
+                                         r"EpisodeSampler: ways = 83 but the data set has only 82 classes"):
+        samplers["test"]
+    assert samplers["train"].ways == 83 and samplers.built == ("train",)
+    # no validation characters: train and test work, the empty val split raises only if it is read
+    no_val = omniglot_samplers(omniglot_root, ways=5, shots=1, queries=1, cache_dir=cache_dir, val_characters=0)
+    assert no_val.num_classes["val"] == 0 and no_val["train"].num_classes == 4 * 160
+    with pytest.raises(ValueError, match=r"omniglot_samplers: the 'val' split \(0 characters of 20 drawings\): "
+                                         r"EpisodeSampler: the data set is empty"):
+        no_val["val"]
     with pytest.raises(ValueError, match=r"shots \+ queries = 5 \+ 16 = 21 but some classes have only 20"):
         omniglot_samplers(omniglot_root, ways=5, shots=5, queries=16, cache_dir=cache_dir)
 
@@ -281,10 +344,10 @@ def test_download_from_a_file_url_checks_md5(tmp_path, omniglot_root: Path, monk
 
 
 def test_download_with_wrong_md5_keeps_nothing(tmp_path, monkeypatch):
-    def fetch(url: str, dest: Path) -> None:
+    def fetch(url: str, dest: Path, progress=None) -> None:
         dest.write_bytes(b"<html>rate limited</html>")
 
-    monkeypatch.setattr(omniglot_module, "_fetch", fetch)
+    monkeypatch.setattr(benchmark_module, "_fetch", fetch)
     with pytest.raises(ValueError, match=r"download_omniglot: .*images_background_small1.zip has md5 [0-9a-f]{32} "
                                          r"but the official"):
         download_omniglot(tmp_path, variant="small")
@@ -292,11 +355,13 @@ def test_download_with_wrong_md5_keeps_nothing(tmp_path, monkeypatch):
 
 
 def test_download_network_error(tmp_path, monkeypatch):
-    def fetch(url: str, dest: Path) -> None:
+    def fetch(url: str, dest: Path, progress=None) -> None:
         raise OSError("Name or service not known")
 
-    monkeypatch.setattr(omniglot_module, "_fetch", fetch)
+    monkeypatch.setattr(benchmark_module, "_fetch", fetch)
     with pytest.raises(OSError, match=r"could not download https://raw.githubusercontent.com/brendenlake/omniglot/"
-                                      r"master/python/images_background_small1.zip"):
+                                      r"master/python/images_background_small1.zip .*Name or service not known.*; "
+                                      r"check the network, or download images_background_small1.zip by hand .* and "
+                                      rf"copy it into {tmp_path}"):
         load_omniglot(tmp_path, download=True)
     assert os.listdir(tmp_path) == []

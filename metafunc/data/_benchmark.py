@@ -1,6 +1,7 @@
 """What the image benchmarks (:mod:`metafunc.data.cifar`, :mod:`metafunc.data.mini_imagenet`) share: the decoded
 split (:class:`ImageSplit`), file fingerprints, a pickle reader that only builds numpy arrays and plain containers,
-Pillow decoding into a preallocated ``uint8`` tensor, the one-file cache, md5-checked downloads and the samplers."""
+Pillow decoding into a preallocated ``uint8`` tensor, the one-file cache, md5-checked downloads with progress, and
+the lazily built samplers of the three splits (Omniglot's too)."""
 
 from __future__ import annotations
 
@@ -8,18 +9,19 @@ import hashlib
 import io
 import os
 import pickle
-import shutil
+import sys
 import tempfile
+import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
-from typing import IO, Any, Callable, Literal, NamedTuple, Sequence
+from typing import IO, Any, Callable, Literal, Mapping, NamedTuple, Sequence, TextIO
 
 import torch
 from torch import Tensor
 
-from metafunc._shared import save_atomic
-from metafunc.data.episodes import EpisodeSampler
+from metafunc._shared import check_steps, file_mode, save_atomic
+from metafunc.data.episodes import EpisodeSampler, SplitSamplers, check_class_sizes
 
 __all__ = [
     "ImageSplit",
@@ -39,6 +41,10 @@ __all__ = [
     "read_cache",
     "write_cache",
     "download_checked",
+    "DownloadProgress",
+    "SamplerSpec",
+    "check_episode_counts",
+    "lazy_samplers",
     "split_samplers",
 ]
 
@@ -254,23 +260,108 @@ def write_cache(path: Path, data: ImageSplit) -> None:
         pass
 
 
-def _fetch(url: str, dest: Path) -> None:
+class DownloadProgress:
+    """Shows how much of a download has arrived on ``stream`` (default ``sys.stderr``): on a terminal one line
+    rewritten in place at most every ``interval`` seconds, elsewhere (a log) a line at each quarter of the file.
+    Call it as ``progress(done_bytes, total_bytes_or_None)``; :meth:`close` ends the line.
+
+    Example:
+        >>> import io
+        >>> out = io.StringIO()
+        >>> progress = DownloadProgress("images_background.zip", stream=out)
+        >>> for done in (0, 4 << 20, 8 << 20):
+        ...     progress(done, 8 << 20)
+        >>> progress.close()
+        >>> print(out.getvalue(), end="")
+        images_background.zip: 0.0 / 8.4 MB (0%)
+        images_background.zip: 4.2 / 8.4 MB (50%)
+        images_background.zip: 8.4 / 8.4 MB (100%)
+    """
+
+    def __init__(self, label: str, *, stream: TextIO | None = None, interval: float = 0.2) -> None:
+        self.label = label
+        self.stream = stream if stream is not None else sys.stderr
+        self.interval = interval
+        self._tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self._last_time = -float("inf")
+        self._last_quarter = -1
+        self._line = ""
+        self._shown = ""
+
+    def _text(self, done: int, total: int | None) -> str:
+        if total:
+            return f"{self.label}: {done / 1e6:.1f} / {total / 1e6:.1f} MB ({100 * done // total}%)"
+        return f"{self.label}: {done / 1e6:.1f} MB"
+
+    def __call__(self, done: int, total: int | None) -> None:
+        self._line = self._text(done, total)
+        if self._tty:
+            now = time.monotonic()
+            if now - self._last_time >= self.interval or (total and done >= total):
+                self._last_time = now
+                self._write("\r" + self._line)
+            return
+        quarter = 4 * done // total if total else (0 if done == 0 else -1)
+        if quarter > self._last_quarter:
+            self._last_quarter = quarter
+            self._write(self._line + "\n")
+
+    def _write(self, text: str) -> None:
+        self.stream.write(text)
+        self.stream.flush()
+        self._shown = self._line
+
+    def close(self) -> None:
+        """Show the final state if it is not shown yet, and end the line."""
+        if self._tty and self._line:
+            self._write(("" if self._line == self._shown else "\r" + self._line) + "\n")
+        elif self._line != self._shown:
+            self._write(self._line + "\n")
+
+
+def _fetch(url: str, dest: Path, progress: Callable[[int, int | None], None] | None = None) -> None:
+    """Copy ``url`` to the file ``dest``, calling ``progress(done, total)`` as bytes arrive; replaced in tests."""
     with urllib.request.urlopen(url, timeout=60) as response, open(dest, "wb") as out:
-        shutil.copyfileobj(response, out)
+        length = response.headers.get("Content-Length")
+        total = int(length) if length and length.isdigit() else None
+        done = 0
+        if progress is not None:
+            progress(done, total)
+        while chunk := response.read(1 << 16):
+            out.write(chunk)
+            done += len(chunk)
+            if progress is not None:
+                progress(done, total)
+        if total is not None and done < total:  # urllib returns a short body without an error
+            raise ConnectionError(f"the transfer stopped after {done} of {total} bytes")
+        out.flush()
+        os.fsync(out.fileno())
 
 
-def download_checked(caller: str, url: str, dest: Path, md5: str) -> Path:
+def download_checked(caller: str, url: str, dest: Path, md5: str, *, progress: bool = False) -> Path:
     """Fetch ``url`` into a temporary file beside ``dest``, check its md5, and only then rename it to ``dest``; an
-    interrupted or wrong download leaves nothing behind."""
+    interrupted or wrong download leaves nothing behind. ``progress=True`` shows a :class:`DownloadProgress` on
+    stderr. A network failure is an ``OSError`` naming ``url`` and the fix (copy the file into ``dest``'s folder by
+    hand)."""
+    import http.client
+
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    os.fchmod(fd, file_mode())
     os.close(fd)
     try:
+        shown = DownloadProgress(dest.name) if progress else None
         try:
-            _fetch(url, Path(tmp))
-        except OSError as err:
-            raise OSError(f"{caller}: could not download {url} ({err}); download it by hand into {dest.parent} or "
-                          "check the network") from err
+            if shown is None:
+                _fetch(url, Path(tmp))
+            else:
+                _fetch(url, Path(tmp), shown)
+        except (OSError, http.client.HTTPException) as err:
+            raise OSError(f"{caller}: could not download {url} ({type(err).__name__}: {err}); check the network, or "
+                          f"download {dest.name} by hand (from {url}) and copy it into {dest.parent}") from err
+        finally:
+            if shown is not None:
+                shown.close()
         got = file_md5(Path(tmp))
         if got != md5:
             raise ValueError(f"{caller}: {url} has md5 {got} but the official {dest.name} has md5 {md5}; the "
@@ -282,14 +373,89 @@ def download_checked(caller: str, url: str, dest: Path, md5: str) -> Path:
     return dest
 
 
-def split_samplers(caller: str, splits: dict[SplitName, ImageSplit], *, ways: int, shots: int, queries: int,
-                   device: torch.device | str | None) -> dict[str, EpisodeSampler]:
-    """One :class:`EpisodeSampler` per split (no rotations: images are returned as floats in ``[0, 1]``)."""
-    samplers: dict[str, EpisodeSampler] = {}
-    for name, data in splits.items():
+class SamplerSpec(NamedTuple):
+    """What :func:`lazy_samplers` needs to build one split's :class:`EpisodeSampler`: the split's ``images`` and
+    ``labels``, a ``description`` for its errors (``"20 characters of 20 drawings"``) and whether rotated copies are
+    extra classes (``rotations``).
+
+    Example:
+        >>> spec = SamplerSpec(torch.rand(6, 4), torch.tensor([0, 0, 1, 1, 2, 2]), "3 classes")
+        >>> spec.rotations
+        False
+    """
+
+    images: Tensor
+    labels: Tensor
+    description: str
+    rotations: bool = False
+
+
+def check_episode_counts(caller: str, *, ways: int, shots: int, queries: int, val_ways: int | None) -> None:
+    """``ways``, ``shots``, ``queries`` (ints >= 1) and ``val_ways`` (``None`` or an int >= 1), checked before any
+    data is loaded."""
+    for name, value in (("ways", ways), ("shots", shots), ("queries", queries)):
+        check_steps(caller, name, value)
+    if val_ways is not None:
+        check_steps(caller, "val_ways", val_ways)
+
+
+def _val_ways(caller: str, val_ways: int | None, ways: int, spec: SamplerSpec, classes: int) -> int:
+    if val_ways is None:
+        return min(ways, classes)
+    if val_ways > classes:
+        raise ValueError(
+            f"{caller}: val_ways = {val_ways} but the 'val' split ({spec.description}) has only {classes} classes; "
+            f"pass val_ways <= {classes}, or val_ways=None to validate at min(ways, {classes})-way"
+        )
+    return val_ways
+
+
+def lazy_samplers(caller: str, specs: Mapping[str, SamplerSpec], *, ways: int, shots: int, queries: int,
+                  device: torch.device | str | None, val_ways: int | None = None) -> SplitSamplers:
+    """A :class:`SplitSamplers` whose ``split`` sampler is built from ``specs[split]`` on first use, so no split's
+    size caps another's ways. ``"val"`` runs at ``val_ways`` (default: ``ways``, or all of the val split's classes
+    when it has fewer); every other split at ``ways``. Checked now: the counts, an explicit ``val_ways`` against the
+    val split, and ``shots + queries`` against every split's smallest class; ``ways`` is checked against a split
+    when it is built.
+
+    Example:
+        >>> specs = {"train": SamplerSpec(torch.rand(40, 4), torch.arange(40) % 8, "8 classes"),
+        ...          "val": SamplerSpec(torch.rand(12, 4), torch.arange(12) % 3, "3 classes")}
+        >>> samplers = lazy_samplers("demo", specs, ways=5, shots=1, queries=2, device=None)
+        >>> samplers.ways, samplers.built
+        ({'train': 5, 'val': 3}, ())
+        >>> samplers["val"].ways, samplers.built
+        (3, ('val',))
+    """
+    check_episode_counts(caller, ways=ways, shots=shots, queries=queries, val_ways=val_ways)
+    split_ways, num_classes = {}, {}
+    for name, spec in specs.items():
+        if spec.labels.numel() == 0:  # an empty split (e.g. no validation characters) raises if it is ever used
+            num_classes[name], split_ways[name] = 0, (val_ways or ways) if name == "val" else ways
+            continue
         try:
-            samplers[name] = EpisodeSampler(data.images, data.labels, ways=ways, shots=shots, queries=queries,
-                                            device=device)
+            base = int(check_class_sizes(spec.labels, shots=shots, queries=queries)[0].numel())
         except ValueError as err:
-            raise ValueError(f"{caller}: the {name!r} split ({data.num_classes} classes): {err}") from err
-    return samplers
+            raise ValueError(f"{caller}: the {name!r} split ({spec.description}): {err}") from err
+        num_classes[name] = base * (4 if spec.rotations else 1)
+        split_ways[name] = _val_ways(caller, val_ways, ways, spec, num_classes[name]) if name == "val" else ways
+
+    def builder(name: str, spec: SamplerSpec) -> Callable[[], EpisodeSampler]:
+        def build() -> EpisodeSampler:
+            try:
+                return EpisodeSampler(spec.images, spec.labels, ways=split_ways[name], shots=shots, queries=queries,
+                                      rotations=spec.rotations, device=device)
+            except ValueError as err:
+                raise ValueError(f"{caller}: the {name!r} split ({spec.description}): {err}") from err
+        return build
+
+    return SplitSamplers({name: builder(name, spec) for name, spec in specs.items()}, ways=split_ways,
+                         num_classes=num_classes)
+
+
+def split_samplers(caller: str, splits: Mapping[SplitName, ImageSplit], *, ways: int, shots: int, queries: int,
+                   device: torch.device | str | None, val_ways: int | None = None) -> SplitSamplers:
+    """:func:`lazy_samplers` over image splits (no rotations: images are returned as floats in ``[0, 1]``)."""
+    specs: dict[str, SamplerSpec] = {name: SamplerSpec(data.images, data.labels, f"{data.num_classes} classes")
+             for name, data in splits.items()}
+    return lazy_samplers(caller, specs, ways=ways, shots=shots, queries=queries, device=device, val_ways=val_ways)

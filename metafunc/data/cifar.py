@@ -35,6 +35,7 @@ from metafunc.data._benchmark import (
     SPLITS,
     ImageSplit,
     SplitName,
+    check_episode_counts,
     check_root,
     check_split,
     default_cache_dir,
@@ -47,7 +48,7 @@ from metafunc.data._benchmark import (
     text,
     write_cache,
 )
-from metafunc.data.episodes import EpisodeSampler
+from metafunc.data.episodes import SplitSamplers
 
 __all__ = [
     "ImageSplit",
@@ -332,9 +333,10 @@ def load_fc100(
 
 def _samplers(caller: str, benchmark: str, root: str | os.PathLike, ways: int, shots: int, queries: int,
               device: torch.device | str | None, cache_dir: str | os.PathLike | None, download: bool,
-              check_md5: bool) -> dict[str, EpisodeSampler]:
+              check_md5: bool, val_ways: int | None) -> SplitSamplers:
+    check_episode_counts(caller, ways=ways, shots=shots, queries=queries, val_ways=val_ways)
     splits = _load(caller, benchmark, root, SPLITS, cache_dir, download, check_md5)
-    return split_samplers(caller, splits, ways=ways, shots=shots, queries=queries, device=device)
+    return split_samplers(caller, splits, ways=ways, shots=shots, queries=queries, device=device, val_ways=val_ways)
 
 
 def cifar_fs_samplers(
@@ -348,13 +350,18 @@ def cifar_fs_samplers(
     cache_dir: str | os.PathLike | None = None,
     download: bool = False,
     check_md5: bool = True,
-) -> dict[str, EpisodeSampler]:
+    val_ways: int | None = None,
+) -> SplitSamplers:
     """Episode samplers for CIFAR-FS's ``"train"``, ``"val"`` and ``"test"`` splits, the data on ``device``.
 
-    Loads (or reads the cache of) :func:`load_cifar_fs` for each split and returns one :class:`EpisodeSampler` per
-    split (no rotations). ``sample(meta_batch, generator)`` gives float images in ``[0, 1]`` of shape
-    ``(meta_batch, ways * shots, 3, 32, 32)`` and int64 labels ``0..ways-1`` shuffled per task. The class split is
-    fixed by the paper: ``seed`` changes nothing (it is taken so every ``*_samplers`` has the same arguments).
+    Loads (or reads the cache of) :func:`load_cifar_fs` for each split and returns a
+    :class:`~metafunc.data.SplitSamplers`, one :class:`~metafunc.data.EpisodeSampler` per split (no rotations),
+    each built (copied to ``device`` and checked against its ways) when first read, so one split's size never caps
+    another's ways. ``"train"`` and ``"test"`` are ``ways``-way; ``"val"`` is ``val_ways``-way (default: ``ways``,
+    or all of its classes when it has fewer; ``samplers.ways["val"]`` says which). ``sample(meta_batch,
+    generator)`` gives float images in ``[0, 1]`` of shape ``(meta_batch, ways * shots, 3, 32, 32)`` and int64
+    labels ``0..ways-1`` shuffled per task. The class split is fixed by the paper: ``seed`` changes nothing (it is
+    taken so every ``*_samplers`` has the same arguments).
 
     Example:
         >>> samplers = cifar_fs_samplers("shared/data/cifar100", ways=5, shots=1, queries=15)  # doctest: +SKIP
@@ -362,7 +369,7 @@ def cifar_fs_samplers(
         torch.Size([8, 5, 3, 32, 32])
     """
     return _samplers("cifar_fs_samplers", "cifar_fs", root, ways, shots, queries, device, cache_dir, download,
-                     check_md5)
+                     check_md5, val_ways)
 
 
 def fc100_samplers(
@@ -376,7 +383,8 @@ def fc100_samplers(
     cache_dir: str | os.PathLike | None = None,
     download: bool = False,
     check_md5: bool = True,
-) -> dict[str, EpisodeSampler]:
+    val_ways: int | None = None,
+) -> SplitSamplers:
     """Episode samplers for FC100's ``"train"``, ``"val"`` and ``"test"`` splits, the data on ``device``.
 
     As :func:`cifar_fs_samplers`, with the superclass split of :func:`load_fc100`.
@@ -386,4 +394,5 @@ def fc100_samplers(
         >>> samplers["test"].num_classes  # doctest: +SKIP
         20
     """
-    return _samplers("fc100_samplers", "fc100", root, ways, shots, queries, device, cache_dir, download, check_md5)
+    return _samplers("fc100_samplers", "fc100", root, ways, shots, queries, device, cache_dir, download, check_md5,
+                     val_ways)

@@ -39,6 +39,7 @@ from metafunc.data._benchmark import (
     SPLITS,
     ImageSplit,
     SplitName,
+    check_episode_counts,
     check_image_size,
     check_root,
     check_split,
@@ -52,7 +53,7 @@ from metafunc.data._benchmark import (
     text,
     write_cache,
 )
-from metafunc.data.episodes import EpisodeSampler
+from metafunc.data.episodes import SplitSamplers
 
 __all__ = [
     "ImageSplit",
@@ -322,13 +323,17 @@ def mini_imagenet_samplers(
     image_size: int = 84,
     cache_dir: str | os.PathLike | None = None,
     strict_counts: bool = True,
-) -> dict[str, EpisodeSampler]:
+    val_ways: int | None = None,
+) -> SplitSamplers:
     """Episode samplers for miniImageNet's ``"train"``, ``"val"`` and ``"test"`` splits, the data on ``device``.
 
     Loads (or reads the cache of) :func:`load_mini_imagenet` for each split, checks that the splits share no class,
-    and returns one :class:`EpisodeSampler` per split (no rotations): float images in ``[0, 1]`` of shape
-    ``(meta_batch, ways * shots, 3, image_size, image_size)``. The split is fixed by the files: ``seed`` changes
-    nothing (it is taken so every ``*_samplers`` has the same arguments).
+    and returns a :class:`~metafunc.data.SplitSamplers`, one :class:`~metafunc.data.EpisodeSampler` per split (no
+    rotations): float images in ``[0, 1]`` of shape ``(meta_batch, ways * shots, 3, image_size, image_size)``. Each
+    sampler is built when first read, so one split's size never caps another's ways: ``"train"`` and ``"test"`` are
+    ``ways``-way, ``"val"`` is ``val_ways``-way (default: ``ways``, or all of its classes when it has fewer). The
+    split is fixed by the files: ``seed`` changes nothing (it is taken so every ``*_samplers`` has the same
+    arguments).
 
     Example:
         >>> samplers = mini_imagenet_samplers("shared/data/mini-imagenet", ways=5, shots=1, queries=15)  # doctest: +SKIP
@@ -336,10 +341,11 @@ def mini_imagenet_samplers(
         torch.Size([4, 5, 3, 84, 84])
     """
     caller = "mini_imagenet_samplers"
+    check_episode_counts(caller, ways=ways, shots=shots, queries=queries, val_ways=val_ways)
     splits = {s: load_mini_imagenet(root, s, source=source, image_size=image_size, cache_dir=cache_dir,
                                     strict_counts=strict_counts) for s in SPLITS}
     _disjoint(caller, splits)
-    return split_samplers(caller, splits, ways=ways, shots=shots, queries=queries, device=device)
+    return split_samplers(caller, splits, ways=ways, shots=shots, queries=queries, device=device, val_ways=val_ways)
 
 
 # ------------------------------------------------------------------------------------------------ tieredImageNet
@@ -451,7 +457,8 @@ def tiered_imagenet_samplers(
     image_size: int = 84,
     cache_dir: str | os.PathLike | None = None,
     strict_counts: bool = True,
-) -> dict[str, EpisodeSampler]:
+    val_ways: int | None = None,
+) -> SplitSamplers:
     """Episode samplers for tieredImageNet's ``"train"``, ``"val"`` and ``"test"`` splits, the data on ``device``.
 
     As :func:`mini_imagenet_samplers`, with :func:`load_tiered_imagenet`.
@@ -462,7 +469,8 @@ def tiered_imagenet_samplers(
         97
     """
     caller = "tiered_imagenet_samplers"
+    check_episode_counts(caller, ways=ways, shots=shots, queries=queries, val_ways=val_ways)
     splits = {s: load_tiered_imagenet(root, s, image_size=image_size, cache_dir=cache_dir,
                                       strict_counts=strict_counts) for s in SPLITS}
     _disjoint(caller, splits)
-    return split_samplers(caller, splits, ways=ways, shots=shots, queries=queries, device=device)
+    return split_samplers(caller, splits, ways=ways, shots=shots, queries=queries, device=device, val_ways=val_ways)

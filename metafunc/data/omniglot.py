@@ -23,9 +23,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import shutil
-import tempfile
-import urllib.request
 import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Literal, NamedTuple, Sequence
@@ -34,8 +31,8 @@ import torch
 from torch import Tensor
 
 from metafunc._shared import save_atomic
-from metafunc.data._benchmark import file_md5
-from metafunc.data.episodes import EpisodeSampler
+from metafunc.data._benchmark import SamplerSpec, check_episode_counts, download_checked, file_md5, lazy_samplers
+from metafunc.data.episodes import SplitSamplers
 
 __all__ = [
     "Omniglot",
@@ -108,55 +105,43 @@ def _check_variant(caller: str, variant: str) -> tuple[str, ...]:
     return OMNIGLOT_VARIANTS[variant]
 
 
-def _fetch(url: str, dest: Path) -> None:
-    """Copy ``url`` to ``dest`` (a plain file); replaced in tests."""
-    with urllib.request.urlopen(url, timeout=60) as response, open(dest, "wb") as out:
-        shutil.copyfileobj(response, out)
+def _download_zips(caller: str, root: Path, names: Sequence[str], base_url: str, progress: bool) -> list[Path]:
+    """Each ``<name>.zip`` in ``root``, downloaded unless a file with the official md5 is there already."""
+    paths = []
+    for name in names:
+        path = root / f"{name}.zip"
+        if not (path.is_file() and file_md5(path) == OMNIGLOT_MD5[name]):
+            download_checked(caller, f"{base_url.rstrip('/')}/{name}.zip", path, OMNIGLOT_MD5[name],
+                             progress=progress)
+        paths.append(path)
+    return paths
 
 
-def download_omniglot(root: str | os.PathLike, *, variant: Literal["small", "full"] = "full",
-                      base_url: str = OMNIGLOT_URL) -> list[Path]:
-    """Download the zips of ``variant`` that ``root`` lacks from ``base_url``, checking each md5.
+def download_omniglot(root: str | os.PathLike, *, variant: Literal["small", "full"] = "small",
+                      base_url: str = OMNIGLOT_URL, progress: bool = True) -> list[Path]:
+    """Download the official zips of ``variant`` (see :data:`OMNIGLOT_VARIANTS`) into ``root`` from ``base_url``
+    (default: the ``python/`` folder of github.com/brendenlake/omniglot), checking each md5.
 
-    Each zip is written to a temporary file in ``root``, its md5 compared with :data:`OMNIGLOT_MD5`, and only then
-    renamed into place (``os.replace``), so an interrupted or corrupt download never leaves a zip behind. Returns
-    the paths of the zips.
+    A zip already in ``root`` with its official md5 (:data:`OMNIGLOT_MD5`) is not fetched again; any other file of
+    that name is replaced by the official one. Each zip is written to a temporary file in ``root``, its md5
+    checked, and only then renamed into place (``os.replace``): an interrupted or corrupt download never leaves a
+    zip behind, and a wrong md5 is a ``ValueError`` naming the file and both md5s. ``progress`` shows the bytes
+    received on stderr. A network failure is an ``OSError`` naming the URL; the fix is to copy the zips into
+    ``root`` by hand. Returns the paths of the zips.
 
     Example:
         >>> download_omniglot("~/data/omniglot", variant="full")  # doctest: +SKIP
         [PosixPath('.../images_background.zip'), PosixPath('.../images_evaluation.zip')]
     """
-    names = _check_variant("download_omniglot", variant)
+    caller = "download_omniglot"
+    names = _check_variant(caller, variant)
     if not isinstance(base_url, str) or not base_url:
-        raise TypeError(f"download_omniglot: base_url must be a URL string (got {base_url!r})")
-    root = Path(root).expanduser()
-    root.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name in names:
-        path = root / f"{name}.zip"
-        paths.append(path)
-        if path.exists():
-            continue
-        url = base_url.rstrip("/") + f"/{name}.zip"
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=root)
-        os.close(fd)
-        try:
-            try:
-                _fetch(url, Path(tmp))
-            except OSError as err:
-                raise OSError(f"download_omniglot: could not download {url} ({err}); download it by hand into "
-                              f"{root} or check the network") from err
-            got = file_md5(Path(tmp))
-            if got != OMNIGLOT_MD5[name]:
-                raise ValueError(
-                    f"download_omniglot: {url} has md5 {got} but the official {name}.zip has md5 "
-                    f"{OMNIGLOT_MD5[name]}; the download is corrupt or not the official release (nothing was kept)"
-                )
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    return paths
+        raise TypeError(f"{caller}: base_url must be a URL string (got {base_url!r})")
+    if not isinstance(root, (str, os.PathLike)):
+        raise TypeError(f"{caller}: root must be a path (got {type(root).__name__})")
+    if not isinstance(progress, bool):
+        raise TypeError(f"{caller}: progress must be a bool (got {progress!r})")
+    return _download_zips(caller, Path(root).expanduser(), names, base_url, progress)
 
 
 def _safe_member(caller: str, zip_path: Path, name: str) -> PurePosixPath:
@@ -243,11 +228,12 @@ def load_omniglot(
 ) -> Omniglot:
     """Load the Omniglot ``variant`` from the official zips in ``root`` as one ``uint8`` tensor.
 
-    ``root`` holds the zips of ``variant`` (see :data:`OMNIGLOT_VARIANTS`); ``download=True`` fetches missing ones
-    with :func:`download_omniglot`. Each zip's md5 is checked against :data:`OMNIGLOT_MD5` (``check_md5=False`` to
-    read other zips with the same layout). The decoded set is cached in ``cache_dir`` (default ``$METAFUNC_CACHE``
-    or ``~/.cache/metafunc``) as ``omniglot-<variant>-<size>-<key>.pt``, the key hashing the zips' md5s, the image
-    size and the decoding; a second call loads the cache in well under a second.
+    ``root`` holds the zips of ``variant`` (see :data:`OMNIGLOT_VARIANTS`); ``download=True`` fetches the missing
+    ones (and those with a wrong md5, unless ``check_md5=False``) as :func:`download_omniglot` does. Each zip's md5
+    is checked against :data:`OMNIGLOT_MD5` (``check_md5=False`` to read other zips with the same layout). The
+    decoded set is cached in ``cache_dir`` (default ``$METAFUNC_CACHE`` or ``~/.cache/metafunc``) as
+    ``omniglot-<variant>-<size>-<key>.pt``, the key hashing the zips' md5s, the image size and the decoding; a
+    second call loads the cache in well under a second.
 
     Example:
         >>> data = load_omniglot("shared/data/omniglot", variant="small")  # doctest: +SKIP
@@ -261,8 +247,9 @@ def load_omniglot(
     if not isinstance(root, (str, os.PathLike)):
         raise TypeError(f"{caller}: root must be a path (got {type(root).__name__})")
     root = Path(root).expanduser()
-    if download:
-        download_omniglot(root, variant=variant)
+    if download:  # with check_md5=False, zips that are there (maybe not the official ones) are kept
+        wanted = names if check_md5 else [n for n in names if not (root / f"{n}.zip").is_file()]
+        _download_zips("download_omniglot", root, wanted, OMNIGLOT_URL, progress=True)
     if not root.is_dir():
         raise FileNotFoundError(
             f"{caller}: the data root {str(root)!r} does not exist or is not a folder; pass the folder holding "
@@ -387,33 +374,40 @@ def omniglot_samplers(
     image_size: int = 28,
     cache_dir: str | os.PathLike | None = None,
     download: bool = False,
-) -> dict[str, EpisodeSampler]:
+    val_ways: int | None = None,
+) -> SplitSamplers:
     """Episode samplers for Omniglot's ``"train"``, ``"val"`` and ``"test"`` splits, the data on ``device``.
 
     Loads (or reads the cache of) :func:`load_omniglot`, splits the characters with :func:`omniglot_splits`
-    (``seed`` picks the validation characters) and returns one :class:`EpisodeSampler` per split. ``"train"`` uses
-    rotations by 0/90/180/270 degrees as extra classes (the MAML protocol); ``"val"`` and ``"test"`` do not.
+    (``seed`` picks the validation characters) and returns a :class:`~metafunc.data.SplitSamplers`: one
+    :class:`~metafunc.data.EpisodeSampler` per split, each built (copied to ``device`` and checked against its ways)
+    when first read, so one split's size never caps another's ways. ``"train"`` uses rotations by 0/90/180/270
+    degrees as extra classes (the MAML protocol); ``"val"`` and ``"test"`` do not. ``"train"`` and ``"test"`` are
+    ``ways``-way; ``"val"`` is ``val_ways``-way (default: ``ways``, or all of its characters when it has fewer, as
+    when training 60-way with 20 validation characters; ``samplers.ways["val"]`` says which).
     ``sample(meta_batch, generator)`` gives float images (1 = stroke, 0 = background) of shape
     ``(meta_batch, ways * shots, 1, image_size, image_size)`` and int64 labels ``0..ways-1`` shuffled per task.
 
     Example:
-        >>> samplers = omniglot_samplers("shared/data/omniglot", ways=5, shots=1, queries=15)  # doctest: +SKIP
+        >>> samplers = omniglot_samplers("shared/data/omniglot", ways=60, shots=5, queries=5)  # doctest: +SKIP
+        >>> samplers.ways  # doctest: +SKIP
+        {'train': 60, 'val': 20, 'test': 60}
         >>> task = samplers["train"].sample(32, torch.Generator().manual_seed(0))  # doctest: +SKIP
         >>> task.support_x.shape  # doctest: +SKIP
-        torch.Size([32, 5, 1, 28, 28])
+        torch.Size([32, 300, 1, 28, 28])
     """
+    caller = "omniglot_samplers"
+    check_episode_counts(caller, ways=ways, shots=shots, queries=queries, val_ways=val_ways)
     data = load_omniglot(root, variant=variant, image_size=image_size, cache_dir=cache_dir, download=download)
     splits = omniglot_splits(data, split=split, test_alphabets=test_alphabets, val_characters=val_characters,
                              seed=seed)
-    samplers = {}
+    specs = {}
     for name, classes in splits.items():
         keep = torch.zeros(data.num_classes, dtype=torch.bool)
         keep[classes] = True
         mask = keep[data.labels]
-        try:
-            samplers[name] = EpisodeSampler(data.images[mask].unsqueeze(1), data.labels[mask], ways=ways,
-                                            shots=shots, queries=queries, rotations=name == "train", device=device)
-        except ValueError as err:
-            raise ValueError(f"omniglot_samplers: the {name!r} split ({len(classes)} characters of 20 drawings"
-                             f"{', x4 with rotations' if name == 'train' else ''}): {err}") from err
-    return samplers
+        rotations = name == "train"
+        described = f"{len(classes)} characters of 20 drawings{', x4 with rotations' if rotations else ''}"
+        specs[name] = SamplerSpec(data.images[mask].unsqueeze(1), data.labels[mask], described, rotations)
+    return lazy_samplers(caller, specs, ways=ways, shots=shots, queries=queries, device=device,
+                         val_ways=val_ways)
