@@ -102,9 +102,10 @@ def run_learner(name: str, *, budget: float, out: Path, data_root: str, episodes
     folder.mkdir(parents=True, exist_ok=True)
     log = folder / "log.txt"
     algorithm = VARIANTS.get(name, name)
-    _run(_metafunc("train", "--algorithm", algorithm, *COMMON, *SETTINGS[name], "--data-root", data_root,
-                   "--time-budget", str(budget), "--seed", str(seed), "--out", str(folder)), log)
     ckpt = folder / "checkpoint.pt"
+    resume = ["--resume"] if ckpt.exists() else []   # an interrupted row continues with what is left of its budget
+    _run(_metafunc("train", "--algorithm", algorithm, *COMMON, *SETTINGS[name], "--data-root", data_root,
+                   "--time-budget", str(budget), "--seed", str(seed), "--out", str(folder), *resume), log)
     config = json.loads((folder / "config.json").read_text())
     adapts = "--inner-steps" in SETTINGS[name] or algorithm in ("proto_maml", "fo_proto_maml")
     chosen = None

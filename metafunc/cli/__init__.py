@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         >>> args.algorithm, args.shots
         ('fomaml', 5)
     """
-    from metafunc.train.config import DATASETS
+    from metafunc.train.datasets import DATASETS
 
     parser = argparse.ArgumentParser(prog="metafunc", description="Meta-learning on torch.func.")
     sub = parser.add_subparsers(dest="command", metavar="{train,evaluate,bench}")
@@ -44,16 +44,24 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--algorithm", choices=list(LEARNERS), metavar="{" + ",".join(LEARNERS) + "}",
                    help="the learner, from metafunc.LEARNERS (default maml): " +
                         "; ".join(f"{n}: {s.description}" for n, s in LEARNERS.items()))
-    t.add_argument("--dataset", choices=DATASETS, help="sinusoid (default), omniglot, cifar_fs, fc100, mini_imagenet, tiered_imagenet, or synthetic "
-                        "(smoke tests)")
+    t.add_argument("--dataset", metavar="NAME|module:factory",
+                   help="a registered dataset (" + ", ".join(DATASETS) + "; default sinusoid), or module:factory "
+                        "naming your own factory of task sources by split (see docs/your-own-model.md)")
+    t.add_argument("--model", metavar="module:factory",
+                   help="your own network: a factory returning an nn.Module (given ways=N if it takes it; norm "
+                        "layers made exact); default: the dataset's network")
     t.add_argument("--data-root", help="folder with the data set's files (default $METAFUNC_DATA/omniglot, /cifar100, "
                                        "/mini_imagenet or /tiered_imagenet)")
+    t.add_argument("--download", action="store_true",
+                   help="omniglot: fetch the official zips into --data-root first (md5-checked) if they are missing")
     t.add_argument("--backbone", choices=("conv4", "resnet12"),
                    help="network of the image benchmarks: conv4 (default) or resnet12 (64-160-320-640)")
     t.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="random crop and flip of the training episodes on the device (image benchmarks; default on "
                         "for metric learners)")
     t.add_argument("--ways", type=int, help="classes per task (omniglot default 5)")
+    t.add_argument("--val-ways", type=int, help="classes per validation task (default: --ways, or all the "
+                                                "validation split's classes when it has fewer)")
     t.add_argument("--shots", type=int, help="support examples per class (sinusoid: support points K, default 10)")
     t.add_argument("--queries", type=int, help="query examples per class (omniglot default 15)")
     t.add_argument("--meta-batch", type=int, help="tasks per meta-step (sinusoid 25, omniglot 32)")
@@ -83,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", help="output folder (default runs/DATASET_ALGORITHM)")
     t.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
                    help="continue from OUT/checkpoint.pt (or CHECKPOINT) exactly where it stopped")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace the run in --out (its checkpoints and metrics are deleted); without it, or --resume, "
+                        "a folder holding a run is refused")
     t.add_argument("--eval-episodes", type=int, default=600, help="held-out tasks of the sinusoid comparison")
     t.add_argument("--no-baseline", action="store_true", help="sinusoid: skip the pretrained baseline comparison")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -102,8 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="under torchrun: auto (default) picks NCCL for a CUDA --device and gloo otherwise")
     add_learner_option_flags(t)
 
-    e = sub.add_parser("evaluate", help="test accuracy (or MSE) of a checkpoint over many episodes, with 95% CI",
-                       description="Evaluate a checkpoint on test episodes: mean and 95% CI = 1.96*std/sqrt(n).")
+    e = sub.add_parser("evaluate", help="test accuracy (or MSE) of a checkpoint over many episodes, with 95%% CI",
+                       description="Evaluate a checkpoint on test episodes: mean and 95%% CI = 1.96*std/sqrt(n).")
     e.add_argument("checkpoint", help="a checkpoint written by metafunc train (OUT/checkpoint.pt)")
     e.add_argument("--episodes", type=int, default=600, help="test episodes (default 600)")
     e.add_argument("--ways", type=int, help="classes per task (default: as trained)")

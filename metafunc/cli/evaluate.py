@@ -78,16 +78,19 @@ def run_evaluate(args: argparse.Namespace) -> int:
     else:
         setting = f"sinusoid regression, K={cfg.shots} support points, 100 query points"
     print(f"checkpoint {args.checkpoint}: {cfg.algorithm} on {cfg.dataset}, {ckpt.get('iteration')} iterations")
-    adaptation = ("no inner loop" if not LEARNERS[cfg.algorithm].accepts("steps")
-                  else f"{cfg.eval_inner_steps} inner steps (lr {cfg.inner_lr})")
+    inner_loop = LEARNERS[cfg.algorithm].accepts("steps")
+    if not inner_loop:
+        result = result._replace(steps=None)
+    adaptation = f"{cfg.eval_inner_steps} inner steps (lr {cfg.inner_lr})" if inner_loop else "no inner loop"
     print(f"{setting}, {adaptation}, {args.episodes} {args.split} episodes")
     if head_note:
         print(head_note)
     print(result.format() + "  [95% CI = 1.96 * std / sqrt(n)]")
-    print(f"BatchNorm protocol: {BATCHNORM_PROTOCOL}")
+    if exp.batch_norm:
+        print(f"BatchNorm protocol: {BATCHNORM_PROTOCOL}")
     if args.json:
         record = {**result.as_dict(), "checkpoint": str(args.checkpoint), "split": args.split, "ways": cfg.ways,
                   "shots": cfg.shots, "queries": cfg.queries, "algorithm": cfg.algorithm, "dataset": cfg.dataset,
-                  "batchnorm": BATCHNORM_PROTOCOL, "trained_ways": trained_ways, "output_layer": head_note}
+                  "batchnorm": BATCHNORM_PROTOCOL if exp.batch_norm else None, "trained_ways": trained_ways, "output_layer": head_note}
         Path(args.json).write_text(strict_json(record, indent=2) + "\n")
     return 0

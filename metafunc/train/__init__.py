@@ -11,10 +11,21 @@ Example:
 
 from metafunc.data.sinusoid import SinusoidSource
 from metafunc.data.synthetic import GaussianClassification
+from metafunc.train.callbacks import (
+    AgreeAcrossRanks,
+    Barrier,
+    Checkpointer,
+    MetricsLog,
+    ProgressBar,
+    StopOnSignal,
+    Validation,
+)
 from metafunc.train.checkpoint import CheckpointError, check_compatible, load_checkpoint, previous_path, save_checkpoint
-from metafunc.train.config import DATASET_DEFAULTS, DATASETS, RESUME_KEYS, TrainConfig, resolve_config
+from metafunc.train.config import RESUME_KEYS, ResolvedConfig, TrainConfig, resolve_config
+from metafunc.train.datasets import DATASETS, DatasetSpec, dataset_spec, register_dataset
 from metafunc.train.evaluation import BATCHNORM_PROTOCOL, EvalResult, TaskSource, evaluate_episodes, new_output_layer
-from metafunc.train.experiment import Experiment, build_experiment, build_learner, learner_options
+from metafunc.train.experiment import Experiment, build_experiment, build_network, build_sources, learner_options
+from metafunc.train.fit import FitState, fit
 from metafunc.train.loop import (
     EXIT_CHECKPOINT,
     EXIT_NONFINITE,
@@ -25,6 +36,7 @@ from metafunc.train.loop import (
     checkpoint_state,
     default_is_main,
     restore_checkpoint,
+    run_callbacks,
     train,
     trainer_step,
 )
@@ -38,8 +50,11 @@ from metafunc.train.sinusoid_baseline import (
 )
 
 __all__ = [
-    "TrainConfig", "DATASETS", "DATASET_DEFAULTS", "RESUME_KEYS", "resolve_config",
-    "Experiment", "build_experiment", "build_learner", "learner_options",
+    "fit", "FitState", "StopOnSignal", "AgreeAcrossRanks", "Validation", "MetricsLog", "ProgressBar", "Checkpointer",
+    "Barrier", "run_callbacks",
+    "TrainConfig", "ResolvedConfig", "RESUME_KEYS", "resolve_config",
+    "DATASETS", "DatasetSpec", "dataset_spec", "register_dataset",
+    "Experiment", "build_experiment", "build_sources", "build_network", "learner_options",
     "TrainResult", "train", "trainer_step", "default_is_main", "checkpoint_state", "restore_checkpoint",
     "save_checkpoint", "load_checkpoint", "check_compatible", "CheckpointError", "previous_path",
     "NonFiniteError", "Preempted", "EXIT_NONFINITE", "EXIT_PREEMPTED", "EXIT_CHECKPOINT",

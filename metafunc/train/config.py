@@ -11,49 +11,13 @@ import torch
 from metafunc._shared import check_choice, check_positive, check_steps
 from metafunc.core.batching import Mode
 from metafunc.registry import LEARNERS
+from metafunc.train.datasets import IMAGE_BENCHMARKS, dataset_spec
 
-__all__ = ["TrainConfig", "ResolvedConfig", "UNLIMITED_ITERATIONS", "OUTER_OPTIMIZERS", "OUTER_LR_SCHEDULES", "IMAGE_BENCHMARKS", "BACKBONES", "IMAGE_SIZES",
-           "DATA_FOLDERS", "DATASETS", "DATASET_DEFAULTS", "RESUME_KEYS", "resolve_config"]
-
-IMAGE_BENCHMARKS = ("cifar_fs", "fc100", "mini_imagenet", "tiered_imagenet")
-"""The standard few-shot image benchmarks (``metafunc.data``): RGB, 32x32 (CIFAR-FS, FC100) or 84x84."""
-
-DATASETS = ("sinusoid", "omniglot", "synthetic", *IMAGE_BENCHMARKS)
-"""``sinusoid``: MAML regression; ``omniglot``: the official zips (``metafunc.data``); ``synthetic``: Gaussian
-clusters in feature space (a fast classification source for tests and smoke runs); the image benchmarks of
-:data:`IMAGE_BENCHMARKS`."""
+__all__ = ["TrainConfig", "ResolvedConfig", "UNLIMITED_ITERATIONS", "OUTER_OPTIMIZERS", "OUTER_LR_SCHEDULES",
+           "BACKBONES", "RESUME_KEYS", "resolve_config"]
 
 BACKBONES = ("conv4", "resnet12")
 """``--backbone`` of the image data sets: Conv-4 (the MAML/ProtoNet network) or ResNet-12 (MetaOptNet's)."""
-
-_MAML_IMAGENET = dict(ways=5, shots=1, queries=15, meta_batch=4, inner_steps=5, eval_inner_steps=10, inner_lr=0.01,
-                      outer_lr=1e-3, iterations=60000, val_every=500, val_episodes=100, checkpoint_every=500,
-                      width=32, mode="auto")
-
-DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
-    # The MAML paper's sinusoid setting: 40-40 ReLU MLP, K=10, alpha=0.01, 1 step, 25 tasks, Adam 1e-3, and the
-    # reference code's 70,000 meta-iterations (about 3 minutes of training on a 2-core CPU).
-    "sinusoid": dict(shots=10, queries=10, meta_batch=25, inner_steps=1, eval_inner_steps=10, inner_lr=0.01,
-                     outer_lr=1e-3, iterations=70000, val_every=5000, val_episodes=100, checkpoint_every=5000,
-                     threads=1, mode="vmap"),
-    # The MAML paper's Omniglot setting: meta-batch 32, alpha=0.4, 1 step in training and 3 at test, Adam 1e-3.
-    "omniglot": dict(ways=5, shots=1, queries=15, meta_batch=32, inner_steps=1, eval_inner_steps=3, inner_lr=0.4,
-                     outer_lr=1e-3, iterations=2000, val_every=200, val_episodes=100, checkpoint_every=200,
-                     mode="auto"),
-    "synthetic": dict(ways=5, shots=1, queries=5, meta_batch=8, inner_steps=1, eval_inner_steps=3, inner_lr=0.4,
-                      outer_lr=1e-3, iterations=200, val_every=50, val_episodes=40, checkpoint_every=50, width=16,
-                      mode="auto"),
-    # The MAML paper's miniImageNet setting (Conv-4 with 32 filters, alpha=0.01, 5 steps in training and 10 at
-    # test, meta-batch 4, 60,000 iterations), used for all four image benchmarks.
-    **{name: dict(_MAML_IMAGENET) for name in IMAGE_BENCHMARKS},
-}
-
-IMAGE_SIZES = {"cifar_fs": 32, "fc100": 32, "mini_imagenet": 84, "tiered_imagenet": 84}
-"""Side of the (square, RGB) images of each image benchmark."""
-
-DATA_FOLDERS = {"omniglot": "omniglot", "cifar_fs": "cifar100", "fc100": "cifar100", "mini_imagenet": "mini_imagenet",
-                "tiered_imagenet": "tiered_imagenet"}
-"""The folder under ``$METAFUNC_DATA`` that ``--data-root`` defaults to, per data set."""
 
 UNLIMITED_ITERATIONS = 10**9
 """``iterations`` of a run with a ``time_budget`` and no iteration count of its own."""
@@ -68,7 +32,8 @@ OUTER_LR_SCHEDULES = ("constant", "linear")
 schedule): over ``iterations``, or over ``time_budget`` (by the meta-step seconds spent) when a budget is given."""
 
 RESUME_KEYS = ("algorithm", "dataset", "ways", "shots", "queries", "meta_batch", "inner_steps", "inner_lr",
-               "outer_lr", "seed", "width", "mode", "options", "backbone", "outer_optimizer", "outer_lr_schedule")
+               "outer_lr", "seed", "width", "mode", "options", "backbone", "outer_optimizer", "outer_lr_schedule",
+               "model")
 """Settings that must be equal between a checkpoint and the run that resumes it (``iterations`` may grow)."""
 
 
@@ -84,8 +49,13 @@ class TrainConfig:
 
     algorithm: str = "maml"
     dataset: str = "sinusoid"
+    """A name of :data:`metafunc.train.DATASETS`, or ``module:factory`` for your own episodes."""
     data_root: str | None = None
+    model: str | None = None
+    """``module:factory`` of your own ``nn.Module`` (default: the dataset's network, see ``backbone``)."""
     ways: int | None = None
+    val_ways: int | None = None
+    """Classes per validation task (default: ``ways``, or all the validation split's classes if it has fewer)."""
     shots: int | None = None
     queries: int | None = None
     meta_batch: int | None = None
@@ -122,6 +92,8 @@ class TrainConfig:
     """The meta-update: ``"adam"`` or ``"sgd"`` (:data:`OUTER_OPTIMIZERS`)."""
     outer_lr_schedule: str = "constant"
     """``"constant"`` or ``"linear"`` (annealed to 0 over the run; :data:`OUTER_LR_SCHEDULES`)."""
+    download: bool = False
+    """Fetch the dataset's files into ``data_root`` first when missing (datasets whose factory takes ``download``)."""
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict of the settings."""
@@ -157,36 +129,62 @@ class ResolvedConfig(TrainConfig):
     augment: bool = False
 
 
+_DEVICE_TYPES = ("cpu", "cuda")
+
+
+def _check_device(device: Any) -> None:
+    """A device this build of torch can train on, else a ValueError naming ``--device`` and the fix."""
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"train: device must be a torch device such as 'cpu' or 'cuda' (got {device!r}); pass --device cpu or --device cuda") from e
+    if kind not in _DEVICE_TYPES:
+        raise ValueError(f"train: device {device!r} is not supported for training (metafunc trains on "
+                         f"{' or '.join(_DEVICE_TYPES)}); pass --device cpu or --device cuda")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train: device {device!r} asked for but CUDA is not available; use --device cpu")
+
+
+def _fill_defaults(config: TrainConfig) -> dict[str, Any]:
+    values = config.to_dict()
+    if config.time_budget is not None and config.iterations is None:
+        values["iterations"] = UNLIMITED_ITERATIONS   # the budget decides when to stop
+    for k, v in dataset_spec(config.dataset).defaults.items():
+        if values.get(k) is None:
+            values[k] = v
+    values["width"] = 64 if values["width"] is None else values["width"]
+    values["queries"] = values["shots"] if values["queries"] is None else values["queries"]
+    if values["out"] is None:
+        name = str(config.dataset).replace(":", "_").replace(".", "_")
+        values["out"] = os.path.join("runs", f"{name}_{config.algorithm}")
+    if values.get("augment") is None:
+        values["augment"] = config.dataset in IMAGE_BENCHMARKS and not LEARNERS[config.algorithm].needs_head
+    return values
+
+
 def resolve_config(config: TrainConfig) -> ResolvedConfig:
-    """Fill ``None`` fields with the dataset's defaults and validate every setting (errors name the flag).
+    """Fill ``None`` fields with the dataset's defaults and validate every setting (errors name the flag); a
+    :class:`ResolvedConfig` is returned as it is (a setting is resolved once).
 
     Example:
         >>> resolve_config(TrainConfig()).iterations
         70000
     """
+    if isinstance(config, ResolvedConfig):
+        return config
     if not isinstance(config, TrainConfig):
         raise TypeError(f"train: config must be a TrainConfig (got {type(config).__name__})")
-    check_choice("train", "dataset", config.dataset, DATASETS)
     if config.algorithm not in LEARNERS:
         raise ValueError(f"train: unknown algorithm {config.algorithm!r}; choose one of {', '.join(LEARNERS)} "
                          "(or add one with metafunc.register_learner)")
-    values = config.to_dict()
-    if config.time_budget is not None and config.iterations is None:
-        values["iterations"] = UNLIMITED_ITERATIONS   # the budget decides when to stop
-    for k, v in DATASET_DEFAULTS[config.dataset].items():
-        if values.get(k) is None:
-            values[k] = v
-    if values["width"] is None:
-        values["width"] = 64
-    if values["ways"] is None:
-        values["ways"] = 1  # regression: one output
-    if values["queries"] is None:
-        values["queries"] = values["shots"]
-    if values["out"] is None:
-        values["out"] = os.path.join("runs", f"{config.dataset}_{config.algorithm}")
-    if values.get("augment") is None:
-        values["augment"] = config.dataset in IMAGE_BENCHMARKS and not LEARNERS[config.algorithm].needs_head
-    cfg = ResolvedConfig(**values)
+    cfg = ResolvedConfig(**_fill_defaults(config))
+    _check_numbers(cfg)
+    _check_choices(cfg)
+    _check_device(cfg.device)
+    return cfg
+
+
+def _check_numbers(cfg: ResolvedConfig) -> None:
     for name in ("ways", "shots", "queries", "meta_batch", "inner_steps", "iterations", "val_episodes", "width"):
         check_steps("train", name, getattr(cfg, name))
     check_steps("train", "eval_inner_steps", cfg.eval_inner_steps, minimum=0)
@@ -194,13 +192,18 @@ def resolve_config(config: TrainConfig) -> ResolvedConfig:
         check_steps("train", name, getattr(cfg, name), minimum=0)
     for name in ("inner_lr", "outer_lr"):
         check_positive("train", name, getattr(cfg, name))
-    check_choice("train", "mode", cfg.mode, ("auto", "vmap", "loop"))
-    if cfg.chunk_size is not None:
-        check_steps("train", "chunk_size", cfg.chunk_size)
-    if cfg.threads is not None:
-        check_steps("train", "threads", cfg.threads)
+    for name in ("chunk_size", "threads", "val_ways"):
+        if getattr(cfg, name) is not None:
+            check_steps("train", name, getattr(cfg, name), minimum=2 if name == "val_ways" else 1)
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
         raise TypeError(f"train: seed must be an int (got {cfg.seed!r})")
+    if cfg.time_budget is not None:
+        check_positive("train", "time_budget", cfg.time_budget)
+    check_steps("train", "max_nonfinite", cfg.max_nonfinite)
+
+
+def _check_choices(cfg: ResolvedConfig) -> None:
+    check_choice("train", "mode", cfg.mode, ("auto", "vmap", "loop"))
     if cfg.dataset != "sinusoid" and cfg.ways < 2:
         raise ValueError(f"train: ways must be >= 2 for classification (got {cfg.ways})")
     if cfg.dataset == "sinusoid" and not LEARNERS[cfg.algorithm].needs_head:
@@ -212,10 +215,10 @@ def resolve_config(config: TrainConfig) -> ResolvedConfig:
     check_choice("train", "backbone", cfg.backbone, BACKBONES)
     if cfg.backbone != "conv4" and cfg.dataset not in IMAGE_BENCHMARKS:
         raise ValueError(f"train: --backbone {cfg.backbone} is for the image benchmarks ({', '.join(IMAGE_BENCHMARKS)}); "
-                         f"{cfg.dataset} uses its own network")
-    if cfg.time_budget is not None:
-        check_positive("train", "time_budget", cfg.time_budget)
-    check_steps("train", "max_nonfinite", cfg.max_nonfinite)
+                         f"{cfg.dataset} uses its own network (or pass --model module:factory)")
+    if cfg.model is not None and cfg.backbone != "conv4":
+        raise ValueError(f"train: pass --model or --backbone, not both (got --model {cfg.model} --backbone "
+                         f"{cfg.backbone})")
     if not isinstance(cfg.options, dict):
         raise TypeError(f"train: options must be a dict of the learner's options (got {type(cfg.options).__name__})")
     own = {o.name for o in LEARNERS[cfg.algorithm].options}
@@ -223,10 +226,3 @@ def resolve_config(config: TrainConfig) -> ResolvedConfig:
     if unknown:
         raise ValueError(f"train: {cfg.algorithm} takes no option(s) {unknown}; its options are: "
                          f"{', '.join(sorted(own)) or 'none'}")
-    try:
-        torch.device(cfg.device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"train: device must be a torch device such as 'cpu' or 'cuda' (got {cfg.device!r})") from e
-    if torch.device(cfg.device).type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train: device {cfg.device!r} asked for but CUDA is not available; use --device cpu")
-    return cfg

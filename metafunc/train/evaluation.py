@@ -65,15 +65,18 @@ class EvalResult(NamedTuple):
     ci95: float
     std: float
     episodes: int
-    steps: int
+    steps: int | None
+    """Inner steps of adaptation; ``None`` for a learner without an inner loop (ProtoNet, Matching Nets)."""
 
     def format(self) -> str:
-        """``"accuracy 97.10% +- 0.45% (95% CI, 600 episodes, 3 inner steps)"`` style text."""
+        """``"accuracy 97.10% +- 0.45% (95% CI, 600 episodes, 3 inner steps)"`` style text (no inner steps for a
+        learner without an inner loop)."""
         if self.metric == "accuracy":
             value = f"{100 * self.mean:.2f}% +- {100 * self.ci95:.2f}%"
         else:
             value = f"{self.mean:.4f} +- {self.ci95:.4f}"
-        return f"{self.metric} {value} (95% CI, {self.episodes} episodes, {self.steps} inner steps)"
+        steps = "" if self.steps is None else f", {self.steps} inner steps"
+        return f"{self.metric} {value} (95% CI, {self.episodes} episodes{steps})"
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-able dict of the fields."""

@@ -2,25 +2,24 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-from typing import Any, Callable, NamedTuple, cast
+import inspect
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import nn
 
+from metafunc._shared import load_attr
 from metafunc.algorithms import MetaLearner
 from metafunc.core.functional import functionalize
 from metafunc.core.types import ModelFn, Params
-from metafunc.data.sinusoid import SinusoidSource
-from metafunc.data.synthetic import GaussianClassification
-from metafunc.nn import models
+from metafunc.nn import BatchNorm, convert_norm_layers, models
 from metafunc.nn.resnet12 import resnet12
 from metafunc.registry import LEARNERS
-from metafunc.train.config import DATA_FOLDERS, IMAGE_SIZES, ResolvedConfig, TrainConfig, resolve_config
+from metafunc.train.config import ResolvedConfig, TrainConfig, resolve_config
+from metafunc.train.datasets import data_root, dataset_spec
 from metafunc.train.evaluation import TaskSource
 
-__all__ = ["Experiment", "build_experiment", "build_learner", "learner_options"]
+__all__ = ["Experiment", "build_experiment", "learner_options", "build_sources", "build_network"]
 
 
 def learner_options(cfg: ResolvedConfig) -> dict[str, Any]:
@@ -33,21 +32,6 @@ def learner_options(cfg: ResolvedConfig) -> dict[str, Any]:
     """
     loss = "mse" if cfg.dataset == "sinusoid" else "cross_entropy"
     return {"inner_lr": cfg.inner_lr, "steps": cfg.inner_steps, "loss": loss, "ways": cfg.ways, **(cfg.options or {})}
-
-
-def build_learner(cfg: ResolvedConfig, model: ModelFn) -> MetaLearner:
-    """The registered learner ``cfg.algorithm`` over ``model`` with :func:`learner_options`.
-
-    Example:
-        >>> from metafunc import functionalize, models
-        >>> model, _ = functionalize(models.mlp())
-        >>> build_learner(resolve_config(TrainConfig(algorithm="checkpointed_maml")), model).name
-        'checkpointed_maml'
-    """
-    try:
-        return LEARNERS[cfg.algorithm].build(model, **learner_options(cfg))
-    except TypeError as e:
-        raise ValueError(f"train: {e}") from None
 
 
 class Experiment(NamedTuple):
@@ -67,57 +51,67 @@ class Experiment(NamedTuple):
     learner: MetaLearner
     sources: dict[str, TaskSource]
     classification: bool
+    batch_norm: bool = False
+    """Whether the network has BatchNorm layers (evaluation then states its BatchNorm protocol)."""
 
 
-def _data_root(cfg: ResolvedConfig) -> Path:
-    folder = DATA_FOLDERS[cfg.dataset]
-    if cfg.data_root is not None:
-        root = Path(cfg.data_root).expanduser()
-    elif os.environ.get("METAFUNC_DATA"):
-        root = Path(os.environ["METAFUNC_DATA"]) / folder
-    else:
-        raise ValueError(f"train: --dataset {cfg.dataset} needs --data-root, the folder holding its files "
-                         f"(e.g. ../shared/data/{folder}), or the METAFUNC_DATA variable")
-    if not root.is_dir():
-        holds = ("images_background_small1.zip / ..._small2.zip" if cfg.dataset == "omniglot" else
-                 {"cifar100": "cifar-100-python.tar.gz", "mini_imagenet": "images/ + train.csv, val.csv, test.csv "
-                  "(or the mini-imagenet-cache-*.pkl files)", "tiered_imagenet": "{train,val,test}_images_png.pkl "
-                  "and {split}_labels.pkl"}[folder])
-        raise FileNotFoundError(f"train: data root {str(root)!r} does not exist or is not a folder; pass --data-root "
-                                f"pointing at the folder holding {holds}")
-    return root
+def build_sources(cfg: ResolvedConfig) -> dict[str, TaskSource]:
+    """The run's task sources by split, from the dataset registry (or the user's ``module:factory``), with the
+    training split augmented when ``cfg.augment``.
 
-
-def _sources(cfg: ResolvedConfig, device: torch.device) -> dict[str, TaskSource]:
-    if cfg.dataset == "sinusoid":
-        return {"train": SinusoidSource(cfg.shots, cfg.queries), "val": SinusoidSource(cfg.shots, cfg.queries),
-                "test": SinusoidSource(cfg.shots, 100)}
-    if cfg.dataset == "synthetic":
-        src = GaussianClassification(cfg.ways, cfg.shots, cfg.queries)
-        return {"train": src, "val": src, "test": src}
-    from metafunc import data
-
-    root = _data_root(cfg)
-    make: dict[str, Callable[..., dict[str, Any]]] = {"omniglot": data.omniglot_samplers, "cifar_fs": data.cifar_fs_samplers, "fc100": data.fc100_samplers,
-            "mini_imagenet": data.mini_imagenet_samplers, "tiered_imagenet": data.tiered_imagenet_samplers}
-    sources: dict[str, TaskSource] = dict(make[cfg.dataset](root, ways=cfg.ways, shots=cfg.shots, queries=cfg.queries,
-                                                             device=device, seed=cfg.seed))
+    Example:
+        >>> sorted(build_sources(resolve_config(TrainConfig(dataset="synthetic"))))
+        ['test', 'train', 'val']
+    """
+    spec = dataset_spec(cfg.dataset)
+    root = data_root(spec, cfg.data_root, download=cfg.download)
+    settings = dict(ways=cfg.ways, shots=cfg.shots, queries=cfg.queries, device=torch.device(cfg.device),
+                    seed=cfg.seed, val_ways=cfg.val_ways, download=cfg.download, root=root)
+    if cfg.val_ways is not None and not spec.accepts("val_ways"):
+        raise ValueError(f"train: --val-ways is not taken by dataset {cfg.dataset} (its factory has no val_ways "
+                         "option); leave it out")
+    sources = dict(spec.build(**{k: v for k, v in settings.items() if k != "root" or root is not None}))
     if cfg.augment:
-        padding = 4 if IMAGE_SIZES.get(cfg.dataset, 28) <= 32 else 8
-        sources["train"] = data.AugmentedSource(sources["train"], padding=padding)
+        from metafunc.data import AugmentedSource
+        sources["train"] = AugmentedSource(sources["train"], padding=4 if (spec.image_size or 28) <= 32 else 8)
     return sources
 
 
-def _network(cfg: ResolvedConfig, with_head: bool) -> nn.Module:
+def _example_shape(source: TaskSource) -> tuple[int, ...]:
+    """The shape of one support example of ``source`` (drawn with a throwaway generator)."""
+    task = source.sample(1, torch.Generator().manual_seed(0))
+    return tuple(task.support_x.shape[2:])
+
+
+def build_network(cfg: ResolvedConfig, source: TaskSource, *, with_head: bool) -> nn.Module:
+    """The run's network: ``cfg.model`` (``module:factory``, norm layers made exact), else the dataset's: the
+    sinusoid MLP, ResNet-12 (``backbone``), a Conv-4 for images ``(C, H, W)`` or a LayerNorm MLP for feature vectors.
+    ``with_head=False`` (metric learners) drops the output layer.
+
+    Example:
+        >>> cfg = resolve_config(TrainConfig(dataset="synthetic", width=8))
+        >>> type(build_network(cfg, build_sources(cfg)["train"], with_head=True)).__name__
+        'MLP'
+    """
+    if cfg.model is not None:
+        factory = load_attr(cfg.model, caller="train", flag="--model", what="a factory returning an nn.Module")
+        takes_ways = "ways" in inspect.signature(factory).parameters
+        module = factory(ways=cfg.ways) if takes_ways and with_head else factory()
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"train: --model {cfg.model} must return an nn.Module (got {type(module).__name__})")
+        return convert_norm_layers(module)
     if cfg.dataset == "sinusoid":
         return models.mlp()
-    if cfg.dataset == "synthetic":
-        mlp = models.mlp(in_features=8, hidden=(cfg.width, cfg.width), out_features=cfg.ways, norm="layer")
-        return mlp if with_head else cast(nn.Module, mlp.body)
     if cfg.backbone == "resnet12":
         return resnet12(cfg.ways if with_head else None)
-    size, channels = (IMAGE_SIZES[cfg.dataset], 3) if cfg.dataset in IMAGE_SIZES else (28, 1)
-    conv = models.conv4(ways=cfg.ways, in_channels=channels, image_size=size, width=cfg.width)
+    shape = _example_shape(source)
+    if len(shape) == 1:
+        mlp = models.mlp(in_features=shape[0], hidden=(cfg.width, cfg.width), out_features=cfg.ways, norm="layer")
+        return mlp if with_head else cast(nn.Module, mlp.body)
+    if len(shape) != 3:
+        raise ValueError(f"train: dataset {cfg.dataset} gives examples of shape {shape}; the built-in networks take "
+                         "feature vectors (D,) or images (C, H, W): pass --model module:factory for your own network")
+    conv = models.conv4(ways=cfg.ways, in_channels=shape[0], image_size=shape[1], width=cfg.width)
     return conv if with_head else nn.Sequential(cast(nn.Module, conv.features), nn.Flatten())
 
 
@@ -130,12 +124,18 @@ def build_experiment(config: TrainConfig) -> Experiment:
         ('maml', ['test', 'train', 'val'])
     """
     cfg = resolve_config(config)
-    device = torch.device(cfg.device)
     spec = LEARNERS[cfg.algorithm]
+    sources = build_sources(cfg)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        module = _network(cfg, spec.needs_head).to(device)
+        module = build_network(cfg, sources["train"], with_head=spec.needs_head).to(torch.device(cfg.device))
     model, params = functionalize(module)
-    learner = build_learner(cfg, model)
+    try:
+        learner = spec.build(model, **learner_options(cfg))
+    except TypeError as e:
+        raise ValueError(f"train: {e}") from None
     meta_params = {k: v.detach().requires_grad_(True) for k, v in learner.init(params).items()}
-    return Experiment(model, meta_params, learner, _sources(cfg, device), cfg.dataset != "sinusoid")
+    probe = sources["train"].sample(1, torch.Generator().manual_seed(0))
+    classification = not probe.support_y.is_floating_point()
+    batch_norm = any(isinstance(m, (BatchNorm, nn.modules.batchnorm._BatchNorm)) for m in module.modules())
+    return Experiment(model, meta_params, learner, sources, classification, batch_norm)
