@@ -1,6 +1,6 @@
 """Peak memory of checkpointed exact MAML against unrolled MAML on Conv-4, as the inner loop grows.
 
-Each case runs in a fresh subprocess (see :mod:`metafunc.cli.bench` for how peak memory is measured: CUDA allocator
+Each case runs in a fresh subprocess (see :mod:`metafunc.bench` for how peak memory is measured: CUDA allocator
 peak on a GPU, peak RSS above a primed baseline on a CPU). Prints one table, with the memory ratio and the growth
 of each path from the shortest to the longest loop, and the cosine similarity of the checkpointed meta-gradient
 against the unrolled one (they are the same gradient).
@@ -15,7 +15,7 @@ import argparse
 import json
 import sys
 
-from metafunc.cli.bench import BenchConfig, _plot, run_bench
+from metafunc.bench import BenchConfig, plot_rows, run_bench
 
 __all__ = ["main"]
 
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as f:
             json.dump({"config": cfg.__dict__, "rows": rows}, f, indent=2)
     if args.plot:
-        _plot(rows, args.plot, f"Conv-4 width {cfg.width}, meta-batch {cfg.meta_batch}: exact vs checkpointed")
+        plot_rows(rows, args.plot, f"Conv-4 width {cfg.width}, meta-batch {cfg.meta_batch}: exact vs checkpointed")
     return 0
 
 

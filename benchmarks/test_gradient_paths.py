@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from metafunc import GRADIENT_PATHS, gradient_path
-from metafunc.cli.bench import BenchConfig, _setup
+from metafunc.bench import BenchConfig, bench_problem
 from metafunc.core.batching import meta_batch
 
 pytest.importorskip("pytest_benchmark")
@@ -25,7 +25,7 @@ STEPS = (1, 5, 20)
 
 
 def _meta_step(path: str, steps: int, dtype: str = "float32"):
-    model, params, tasks = _setup(dataclasses.replace(CONFIG, dtype=dtype))
+    model, params, tasks = bench_problem(dataclasses.replace(CONFIG, dtype=dtype))
     learner = gradient_path(path, model, inner_lr=CONFIG.inner_lr, steps=steps, loss="cross_entropy")
     step = meta_batch(learner.meta_loss)
 

@@ -8,7 +8,8 @@ import textwrap
 import pytest
 import torch
 
-from metafunc.cli.bench import BenchConfig, format_table, main, run_bench, run_case
+from metafunc.bench import BenchConfig, format_table, run_bench, run_case
+from metafunc.cli.bench import main
 
 
 def test_bench_table_and_json(tmp_path, capsys):
