@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from test_image_benchmarks import mini_csv_root, write_tarball
+from test_image_benchmarks import mini_csv_root, write_tarball, write_tiered
 
 import metafunc.data as data
 from metafunc.cli import main
@@ -57,6 +57,44 @@ def test_cifar_fs_and_fc100_train_from_the_cli(tmp_path, monkeypatch, capsys):
         assert isinstance(exp.sources["train"], AugmentedSource) and not isinstance(exp.sources["test"],
                                                                                     AugmentedSource)
         assert exp.sources["train"].sample(2, torch.Generator().manual_seed(0)).support_x.shape == (2, 5, 3, 32, 32)
+
+
+TIERED_SPLITS = {"train": 351, "val": 97, "test": 160}     # Ren et al.'s classes per split
+MINI_SPLITS = {"train": 64, "val": 16, "test": 20}
+
+
+def test_tiered_imagenet_trains_and_evaluates_from_the_cli(tmp_path, monkeypatch, capsys):
+    """tieredImageNet's own files (``{split}_images_png.pkl`` + ``{split}_labels.pkl``, Python 2 pickles) at the
+    paper's class counts train and evaluate end to end, and the run's episodes come from tieredImageNet's classes:
+    each split's images (blue marks the split's file), more classes than miniImageNet has, one class per label."""
+    monkeypatch.setenv("METAFUNC_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "tiered"
+    for mark, (split, classes) in enumerate(TIERED_SPLITS.items(), start=1):
+        write_tiered(root, split, classes, per_class=2, blue=mark)
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "tiered_imagenet", "--data-root", str(root), "--algorithm", "maml",
+                 "--width", "8", "--inner-steps", "1", "--eval-inner-steps", "1", *SMALL, "--out", str(out)]) == 0, \
+        capsys.readouterr().err
+    config = json.loads((out / "config.json").read_text())
+    assert (config["dataset"], config["ways"], config["shots"], config["queries"]) == ("tiered_imagenet", 5, 1, 1)
+    assert main(["evaluate", str(out / "checkpoint.pt"), "--episodes", "4", "--no-progress"]) == 0
+    assert "5-way 1-shot" in capsys.readouterr().out
+    exp = build_experiment(resolve_config(TrainConfig(dataset="tiered_imagenet", data_root=str(root), width=8,
+                                                      queries=1)))
+    generator = torch.Generator().manual_seed(0)
+    for mark, (split, classes) in enumerate(TIERED_SPLITS.items(), start=1):
+        seen: set[int] = set()
+        for _ in range(10):
+            task = exp.sources[split].sample(4, generator)
+            assert task.support_x.shape == task.query_x.shape == (4, 5, 3, 84, 84)
+            pixels = torch.cat([task.support_x, task.query_x], 1)[:, :, :, 42, 42].mul(255).round().long()
+            assert bool((pixels[..., 2] == mark).all()), split                 # this split's file, no other
+            ids, labels = pixels[..., 0] + 256 * pixels[..., 1], torch.cat([task.support_y, task.query_y], 1)
+            for t in range(4):                                                 # label y <-> one class, 5 classes
+                by_label = [set(ids[t][labels[t] == y].tolist()) for y in range(5)]
+                assert all(len(c) == 1 for c in by_label) and len(set.union(*by_label)) == 5
+            seen |= set(ids.flatten().tolist())
+        assert max(seen) < classes and len(seen) > MINI_SPLITS[split], (split, len(seen))
 
 
 def test_random_crop_flip_moves_and_mirrors_each_image_on_its_own():

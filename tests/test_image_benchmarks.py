@@ -4,12 +4,15 @@ and download, and one refusal per kind of malformed file."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.resources
 import io
 import os
 import pickle
+import pickletools
 import shutil
+import struct
 import tarfile
 from pathlib import Path
 
@@ -74,7 +77,18 @@ COARSE_OF = {f: COARSE_NAMES.index(c) for c, fs in SUPERCLASSES.items() for f in
 # Oreshkin et al.'s TADAM code: class_split = {'train': {1, 2, 3, 4, 5, 6, 9, 10, 15, 17, 18, 19}, 'val': {8, 11, 13,
 # 16}, 'test': {0, 7, 12, 14}} (coarse label ids).
 TADAM_SPLIT = {"train": {1, 2, 3, 4, 5, 6, 9, 10, 15, 17, 18, 19}, "val": {8, 11, 13, 16}, "test": {0, 7, 12, 14}}
-# Bertinetto et al.'s R2D2 data/cifar-fs/splits/bertinetto/test.txt
+# Bertinetto et al.'s published CIFAR-FS split: github.com/bertinetto/r2d2, cifar-fs_splits/{train,val,test}.txt
+# (commit 9ed0090, "added cifar-fs splits"), the files their CIFAR-FS download holds as
+# data/cifar-fs/splits/bertinetto/*.txt. Copied here from those files, not from metafunc's.
+CIFAR_FS_TRAIN = {
+    "apple", "aquarium_fish", "bear", "bee", "bottle", "bowl", "boy", "bridge", "bus", "can", "castle", "caterpillar",
+    "chair", "clock", "cloud", "cockroach", "couch", "cup", "dinosaur", "dolphin", "elephant", "forest", "girl",
+    "hamster", "house", "kangaroo", "keyboard", "lawn_mower", "lion", "lizard", "lobster", "mountain", "mouse",
+    "mushroom", "oak_tree", "orange", "orchid", "palm_tree", "pear", "pine_tree", "plate", "porcupine", "possum",
+    "rabbit", "raccoon", "ray", "road", "seal", "shrew", "skunk", "skyscraper", "snake", "spider", "squirrel",
+    "streetcar", "sunflower", "tank", "tiger", "train", "trout", "tulip", "turtle", "willow_tree", "wolf"}
+CIFAR_FS_VAL = {"beaver", "beetle", "butterfly", "camel", "cattle", "crab", "crocodile", "flatfish", "lamp", "maple_tree",
+                "motorcycle", "otter", "sea", "shark", "television", "tractor"}
 CIFAR_FS_TEST = {"baby", "bed", "bicycle", "chimpanzee", "fox", "leopard", "man", "pickup_truck", "plain", "poppy",
                  "rocket", "rose", "snail", "sweet_pepper", "table", "telephone", "wardrobe", "whale", "woman", "worm"}
 
@@ -89,7 +103,9 @@ def test_cifar_fs_split_lists():
     assert all(len(sets[s]) == counts[s] for s in sets)                       # no name twice
     assert not (sets["train"] & sets["val"] or sets["train"] & sets["test"] or sets["val"] & sets["test"])
     assert sets["train"] | sets["val"] | sets["test"] == set(FINE_NAMES)      # every CIFAR-100 class, once
-    assert sets["test"] == CIFAR_FS_TEST
+    assert sets == {"train": CIFAR_FS_TRAIN, "val": CIFAR_FS_VAL, "test": CIFAR_FS_TEST}    # the published split
+    # the shipped files list each split in CIFAR-100's (alphabetical) label order, one name per line
+    assert all(list(CIFAR_FS_CLASSES[s]) == sorted(sets[s]) for s in sets)
 
 
 def test_fc100_split_lists():
@@ -112,9 +128,37 @@ def test_split_files_ship_with_the_package():
 # ----------------------------------------------------------------------------------------- a fake CIFAR-100
 
 
+class _Python2Pickler(pickle._Pickler):
+    """Protocol 2 as Python 2's cPickle wrote the CIFAR-100 release and Ren et al.'s tieredImageNet files: every
+    ``str`` (dict keys, class names, numpy's dtype codes and the raw bytes of each array) is a byte string written with
+    SHORT_BINSTRING or BINSTRING, and numpy lives in ``numpy.core``. Python 3's own protocol 2 writes bytes as a
+    ``_codecs.encode`` call on text instead, which loads as bytes under any ``encoding=``, so it cannot tell whether
+    a loader passes ``encoding="bytes"``; these opcodes can (Python 3 decodes them as ASCII text otherwise)."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def save_py2_str(self, obj: str | bytes) -> None:
+        data = obj.encode("utf-8") if isinstance(obj, str) else obj
+        if len(data) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(data)]) + data)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(data)) + data)
+        self.memoize(obj)
+
+    dispatch[str] = save_py2_str
+    dispatch[bytes] = save_py2_str
+
+    def save_global(self, obj, name=None) -> None:
+        module = obj.__module__.replace("numpy._core", "numpy.core")
+        self.write(pickle.GLOBAL + f"{module}\n{name or obj.__qualname__}\n".encode())
+        self.memoize(obj)
+
+
 def _py2_pickle(obj) -> bytes:
-    """Protocol 2 as Python 2's cPickle wrote the release (numpy.core, not numpy 2's numpy._core)."""
-    return pickle.dumps(obj, protocol=2).replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n")
+    """``obj`` pickled as Python 2's cPickle would have (:class:`_Python2Pickler`)."""
+    out = io.BytesIO()
+    _Python2Pickler(out, protocol=2).dump(obj)
+    return out.getvalue()
 
 
 def cifar_blobs(per_class=(3, 1)) -> dict[str, dict]:
@@ -162,11 +206,35 @@ def cifar_root(tmp_path_factory) -> Path:
     return root
 
 
+def test_the_fake_files_are_python2_pickles_and_are_read_as_such(tmp_path):
+    """The real CIFAR-100 and tieredImageNet pickles come from Python 2: their ``str`` keys, names and numpy's raw array
+    bytes are SHORT_BINSTRING / BINSTRING opcodes, which only ``encoding="bytes"`` reads back as bytes (Python 3's
+    default decodes them as ASCII and fails on the first pixel over 127). The fixtures hold exactly those opcodes."""
+    blob = cifar_blobs(per_class=(1, 1))["train"]
+    raw = _py2_pickle(blob)
+    ops = {op.name for op, _, _ in pickletools.genops(raw)}
+    assert {"SHORT_BINSTRING", "BINSTRING"} <= ops                          # keys and the (100, 3072) pixel string
+    assert not ops & {"BINUNICODE", "SHORT_BINUNICODE", "BINBYTES", "SHORT_BINBYTES"}
+    assert b"_codecs" not in raw and b"cnumpy.core.multiarray\n_reconstruct\n" in raw
+    assert int(blob[b"data"].max()) > 127                                   # not ASCII: a text decoding fails
+    loaded = benchmark_module.restricted_load("t", io.BytesIO(raw), "train", "fix")
+    assert sorted(loaded) == sorted(blob) and all(isinstance(k, bytes) for k in loaded)
+    assert loaded[b"data"].dtype == np.uint8 and np.array_equal(loaded[b"data"], blob[b"data"])
+    assert loaded[b"fine_labels"] == blob[b"fine_labels"] and loaded[b"batch_label"] == b"training batch 1 of 1"
+    root = write_tiered(tmp_path, "test", 3)
+    for name in ("test_images_png.pkl", "test_labels.pkl"):
+        ops = {op.name for op, _, _ in pickletools.genops((root / name).read_bytes())}
+        assert "SHORT_BINSTRING" in ops and not ops & {"BINUNICODE", "BINBYTES", "SHORT_BINBYTES"}, name
+    images = benchmark_module.restricted_load("t", io.BytesIO((root / "test_images_png.pkl").read_bytes()), "x", "fix")
+    assert bytes(images[0][:4]) == b"\x89PNG"                               # the PNG bytes, byte for byte
+
+
 def test_cifar_fs_splits_labels_and_images(cifar_root, tmp_path):
     splits = {s: load_cifar_fs(cifar_root, s, cache_dir=tmp_path, check_md5=False) for s in ("train", "val", "test")}
+    published = {"train": CIFAR_FS_TRAIN, "val": CIFAR_FS_VAL, "test": CIFAR_FS_TEST}
     for s, data in splits.items():
-        n = len(CIFAR_FS_CLASSES[s])
-        assert data.class_names == sorted(CIFAR_FS_CLASSES[s]) and data.num_classes == n
+        n = len(published[s])
+        assert data.class_names == sorted(published[s]) and data.num_classes == n
         assert data.images.shape == (4 * n, 3, 32, 32) and data.images.dtype == torch.uint8
         assert data.labels.dtype == torch.int64 and torch.equal(torch.bincount(data.labels), torch.full((n,), 4))
         # each image is its class's: red plane = fine label id, green = 10 * superclass id (CHW rows decoded)
@@ -588,37 +656,41 @@ def test_mini_truncated_pickle_and_counts(tmp_path):
 
 
 def write_tiered(root: Path, split: str, classes: int, per_class: int = 1, *, bytes_keys: bool = True,
-                 names: bool = True, as_arrays: bool = True, labels_override=None, images_override=None) -> Path:
-    """Ren et al.'s pair: a list of PNGs (1-D uint8 arrays, as cv2.imencode gives, or bytes) and a labels dict
-    (bytes keys as Python 2 wrote them). Class ids are numbered ``classes - 1 .. 0`` in file order; image colour
-    red = id, green = index."""
+                 names: bool = True, as_arrays: bool = True, labels_override=None, images_override=None,
+                 blue: int = 9) -> Path:
+    """Ren et al.'s pair: a list of PNGs (1-D uint8 arrays, as cv2.imencode gives, or bytes) and a labels dict,
+    pickled by Python 2 (``str`` keys and names as byte strings; :func:`_py2_pickle`), or with ``bytes_keys=False`` a
+    copy re-saved by Python 3 (text keys, protocol 4). Class ids are numbered ``classes - 1 .. 0`` in file order,
+    named ``n<split[:2]><id>`` (so no name is in two splits); image colour red = id % 256, green = id // 256, blue =
+    ``blue``."""
     root.mkdir(parents=True, exist_ok=True)
     images, specific = [], []
     for i in range(classes * per_class):
         c = classes - 1 - i % classes
         pixels = np.empty((84, 84, 3), dtype=np.uint8)
-        pixels[...] = (c, i % 256, 9)
+        pixels[...] = (c % 256, c // 256, blue)
         png = _encode(pixels)
         images.append(np.frombuffer(png, dtype=np.uint8).copy() if as_arrays else png)
         specific.append(c)
     labels: dict = {"label_specific": np.array(specific, dtype=np.int64),
                     "label_general": np.array([c // 3 for c in specific], dtype=np.int64)}
     if names:
-        labels["label_specific_str"] = [f"n{split[0]}{c:07d}".encode() for c in range(classes)]
+        labels["label_specific_str"] = [f"n{split[:2]}{c:07d}".encode() for c in range(classes)]
         labels["label_general_str"] = [f"g{g}".encode() for g in range(classes // 3 + 1)]
     if bytes_keys:
         labels = {k.encode(): v for k, v in labels.items()}
     labels = labels_override if labels_override is not None else labels
     images_obj = images_override if images_override is not None else images
-    (root / f"{split}_images_png.pkl").write_bytes(_py2_pickle(images_obj))
-    (root / f"{split}_labels.pkl").write_bytes(_py2_pickle(labels))
+    dump = _py2_pickle if bytes_keys else functools.partial(pickle.dumps, protocol=4)
+    (root / f"{split}_images_png.pkl").write_bytes(dump(images_obj))
+    (root / f"{split}_labels.pkl").write_bytes(dump(labels))
     return root
 
 
 def test_tiered_imagenet(tmp_path):
     root = write_tiered(tmp_path / "data", "val", 97, per_class=2)
     data = load_tiered_imagenet(root, "val", cache_dir=tmp_path / "c")
-    assert data.num_classes == 97 and data.class_names == [f"nv{c:07d}" for c in range(97)]
+    assert data.num_classes == 97 and data.class_names == [f"nva{c:07d}" for c in range(97)]
     assert data.images.shape == (194, 3, 84, 84) and torch.equal(data.labels, torch.arange(97).repeat_interleave(2))
     assert torch.equal(data.images[:, 0, 0, 0].long(), data.labels) and bool((data.images[:, 2] == 9).all())
     write_tiered(root, "train", 4, per_class=3, bytes_keys=False, names=False, as_arrays=False)
