@@ -1,4 +1,5 @@
-"""Checkpoints: round trip, atomic writes that survive a crash mid-save, and clear errors for wrong files."""
+"""Checkpoints: round trip, atomic writes that survive a crash mid-save, the previous generation kept as
+``checkpoint.prev.pt`` (by ``save_checkpoint`` and by the trainer), and clear errors for wrong files."""
 
 import os
 import pickle
@@ -12,6 +13,7 @@ from metafunc.train.checkpoint import (
     check_compatible,
     load_checkpoint,
     param_signature,
+    previous_path,
     save_checkpoint,
 )
 
@@ -56,6 +58,46 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_loadable(tmp_path, 
     expected = _state(1.0)["params"]
     assert all(torch.equal(loaded["params"][k], v) for k, v in expected.items())
     assert os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def _same_params(a, b) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoint_prev_holds_the_generation_before_the_last_save(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    states = [{**_state(scale), "iteration": it} for scale, it in ((1.0, 5), (2.0, 6), (3.0, 7), (4.0, 8))]
+    assert not _same_params(states[0]["params"], states[1]["params"])
+    save_checkpoint(path, states[0])
+    assert not previous_path(path).exists()                    # nothing earlier to keep
+    save_checkpoint(path, states[1])
+    prev, now = load_checkpoint(previous_path(path)), load_checkpoint(path)
+    assert (prev["iteration"], now["iteration"]) == (5, 6)
+    assert _same_params(prev["params"], states[0]["params"]) and _same_params(now["params"], states[1]["params"])
+    save_checkpoint(path, states[2])                           # one generation back, not the first forever
+    prev, now = load_checkpoint(previous_path(path)), load_checkpoint(path)
+    assert (prev["iteration"], now["iteration"]) == (6, 7)
+    assert _same_params(prev["params"], states[1]["params"]) and _same_params(now["params"], states[2]["params"])
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.prev.pt", "checkpoint.pt"]
+    save_checkpoint(path, states[3], keep_previous=False)     # the previous generation is left as it was
+    assert (load_checkpoint(previous_path(path))["iteration"], load_checkpoint(path)["iteration"]) == (6, 8)
+
+
+def test_the_trainer_keeps_the_previous_iteration_in_checkpoint_prev(tmp_path):
+    from metafunc.train import TrainConfig, train
+
+    def run(iterations: int, out: str):
+        train(TrainConfig(dataset="synthetic", iterations=iterations, width=8, meta_batch=2, checkpoint_every=1,
+                          val_every=0, val_episodes=2, out=str(tmp_path / out)), progress=False)
+        path = tmp_path / out / "checkpoint.pt"
+        return load_checkpoint(path), load_checkpoint(previous_path(path))
+
+    now, prev = run(3, "three")
+    two, two_prev = run(2, "two")                              # the same run stopped one iteration earlier
+    assert (now["iteration"], prev["iteration"], two["iteration"], two_prev["iteration"]) == (3, 2, 2, 1)
+    assert _same_params(prev["params"], two["params"])          # prev is iteration 2's state, exactly
+    assert not _same_params(prev["params"], now["params"])
+    assert torch.equal(prev["rng"]["tasks"], two["rng"]["tasks"])
 
 
 def test_missing_file_is_a_file_not_found_error_with_the_path(tmp_path):
