@@ -297,9 +297,23 @@ def test_cifar_samplers(cifar_root, tmp_path):
     data = load_fc100(cifar_root, "train", cache_dir=tmp_path, check_md5=False)
     assert {round(float(v) * 255) for v in task.support_x[:, :, 0, 0, 0].flatten()} <= set(
         data.images[:, 0, 0, 0].tolist())
-    with pytest.raises(ValueError, match=r"cifar_fs_samplers: the 'val' split \(16 classes\): EpisodeSampler: ways = "
-                                         r"17 but the data set has only 16 classes"):
-        cifar_fs_samplers(cifar_root, ways=17, shots=1, queries=1, cache_dir=tmp_path, check_md5=False)
+    # 17-way: the val split's 16 classes cap only validation (16-way); nothing is built before it is read
+    wide = cifar_fs_samplers(cifar_root, ways=17, shots=1, queries=1, cache_dir=tmp_path, check_md5=False)
+    assert wide.ways == {"train": 17, "val": 16, "test": 17} and wide.built == ()
+    assert wide["val"].sample(2, torch.Generator().manual_seed(0)).support_y.shape == (2, 16)
+    assert wide["test"].sample(2, torch.Generator().manual_seed(0)).support_y.shape == (2, 17)
+    assert wide.built == ("val", "test")
+    with pytest.raises(ValueError, match=r"cifar_fs_samplers: val_ways = 17 but the 'val' split \(16 classes\) has only "
+                                         r"16 classes; pass val_ways <= 16, or val_ways=None"):
+        cifar_fs_samplers(cifar_root, ways=5, val_ways=17, shots=1, queries=1, cache_dir=tmp_path, check_md5=False)
+    assert fc100_samplers(cifar_root, ways=5, val_ways=3, shots=1, queries=1, cache_dir=tmp_path,
+                          check_md5=False).ways == {"train": 5, "val": 3, "test": 5}
+    # 21-way: the test split's 20 classes refuse it when the test split is read
+    too_wide = cifar_fs_samplers(cifar_root, ways=21, shots=1, queries=1, cache_dir=tmp_path, check_md5=False)
+    with pytest.raises(ValueError, match=r"cifar_fs_samplers: the 'test' split \(20 classes\): EpisodeSampler: ways = "
+                                         r"21 but the data set has only 20 classes"):
+        too_wide["test"]
+    assert too_wide["train"].ways == 21
     with pytest.raises(ValueError, match=r"shots \+ queries = 3 \+ 2 = 5 but some classes have only 4"):
         cifar_fs_samplers(cifar_root, ways=5, shots=3, queries=2, cache_dir=tmp_path, check_md5=False)
 
@@ -484,6 +498,8 @@ def test_mini_imagenet_from_csv(mini_root, tmp_path):
     assert small.images.shape == (32, 3, 32, 32)
     samplers = mini_imagenet_samplers(mini_root, ways=5, shots=1, queries=1, cache_dir=tmp_path)
     assert {k: v.num_classes for k, v in samplers.items()} == {"train": 64, "val": 16, "test": 20}
+    assert mini_imagenet_samplers(mini_root, ways=20, shots=1, queries=1, cache_dir=tmp_path).ways == {
+        "train": 20, "val": 16, "test": 20}
     task = samplers["test"].sample(2, torch.Generator().manual_seed(0))
     assert task.support_x.shape == (2, 5, 3, 84, 84) and float(task.support_x.max()) <= 1
     assert len(list(tmp_path.glob("mini_imagenet-csv-*.pt"))) == 4
