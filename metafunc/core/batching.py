@@ -30,12 +30,6 @@ _ACTIVATIONS_PER_INPUT = 512
 """A rough upper bound on the bytes of saved activations per input byte of a second-order Conv-4 meta-step."""
 
 
-def _split(out: Any) -> tuple[Tensor, Metrics]:
-    if isinstance(out, tuple) and len(out) == 2:
-        return out[0], out[1]
-    return out, {}
-
-
 @contextlib.contextmanager
 def _no_attention_fast_path() -> Iterator[None]:
     """Turn off the inference fast path of ``nn.MultiheadAttention``/``nn.TransformerEncoderLayer`` for a while.
@@ -188,6 +182,10 @@ def meta_batch(
     ``evaluate`` (a :class:`metafunc.TaskFunction`, which carries the learner's eager checks), or any callable (which
     gets the generic checks of the task container only).
 
+    ``meta_batch`` is the batched objective, a pure function of ``params`` that composes with ``torch.func``
+    transforms. To take a training step, use :func:`metafunc.meta_value_and_grad` (``loss, metrics, grads =
+    meta_value_and_grad(learner)(params, tasks)``): the same gradient, with the peak memory of one task.
+
     ``mode="vmap"`` vectorises over tasks with :func:`torch.func.vmap` (``chunk_size`` tasks at a time to bound
     memory); ``mode="loop"`` runs a Python loop and gives the same numbers; ``mode="auto"`` (the default) picks
     one of them per call with :func:`resolve_mode` (the loop on a CPU, where it is the fastest; ``vmap``, chunked to
@@ -199,13 +197,16 @@ def meta_batch(
     wrong second-order gradients under vmap) run here too.
 
     Example:
-        >>> import torch.nn.functional as F
         >>> from metafunc import functionalize, maml, Task
         >>> model, params = functionalize(torch.nn.Linear(1, 1))
         >>> learner = maml(model, inner_lr=0.01, steps=1, loss="mse")
         >>> tasks = Task(torch.randn(8, 5, 1), torch.randn(8, 5, 1), torch.randn(8, 5, 1), torch.randn(8, 5, 1))
-        >>> loss, metrics = meta_batch(learner.meta_loss)(params, tasks)
-        >>> loss.backward()  # meta-gradient in params[...].grad
+        >>> loss, metrics = meta_batch(learner)(params, tasks)  # the mean over the 8 tasks
+        >>> sorted(metrics)
+        ['loss', 'support_loss']
+        >>> grads = torch.func.grad(lambda p: meta_batch(learner)(p, tasks)[0])(params)  # composes with torch.func
+        >>> sorted(grads)
+        ['bias', 'weight']
     """
     per_task = per_task_function(per_task, "meta_batch")
     check_batching_options("meta_batch", mode, chunk_size)
@@ -225,7 +226,7 @@ def meta_batch(
         if run_mode == "vmap":
             try:
                 with _no_attention_fast_path():
-                    loss, metrics = vmap(lambda t: _split(per_task(params, t)), in_dims=(0,), chunk_size=run_chunk,
+                    loss, metrics = vmap(lambda t: per_task(params, t), in_dims=(0,), chunk_size=run_chunk,
                                          randomness="error")(tasks)
             except RuntimeError as error:
                 if "randomness" not in str(error):
@@ -236,7 +237,7 @@ def meta_batch(
                     "set the dropout probability to 0, or use meta_batch(..., mode='loop')"
                 ) from error
         else:
-            outs = [_split(per_task(params, tasks.task_at(i))) for i in range(tasks.num_tasks)]
+            outs = [per_task(params, tasks.task_at(i)) for i in range(tasks.num_tasks)]
             loss = torch.stack([o[0] for o in outs])
             metrics = {k: torch.stack([o[1][k] for o in outs]) for k in outs[0][1]}
         return reduce_fn(loss), {k: reduce_fn(v) for k, v in metrics.items()}

@@ -16,7 +16,7 @@ the generic checks of the task container and runs one task at a time. Pass the l
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from torch import Tensor
 
@@ -112,21 +112,55 @@ class TaskFunction:
         return f"TaskFunction({self.name})"
 
 
-def per_task_function(per_task: Any, caller: str) -> Callable[..., Any]:
-    """The per-task function of ``per_task``: a :class:`metafunc.MetaLearner`'s ``meta_loss``, or ``per_task``
-    itself when it is callable; anything else is refused with a ``TypeError`` naming ``caller``.
+def _loss_and_metrics(fn: Callable[..., Any], caller: str, name: str) -> Callable[..., tuple[Tensor, Metrics]]:
+    """``fn`` returning ``(loss, metrics)`` always: a plain loss tensor gets empty metrics, anything else is refused."""
+
+    def run(params: Params, task: Task, **kwargs: Any) -> tuple[Tensor, Metrics]:
+        out = fn(params, task, **kwargs)
+        if isinstance(out, Tensor):
+            return out, {}
+        if isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], Tensor) and isinstance(out[1], Mapping):
+            return out[0], dict(out[1])
+        got = f"tuple of {len(out)}" if isinstance(out, tuple) else type(out).__name__
+        raise TypeError(f"{caller}: the per-task function {name} must return a loss tensor or (loss, metrics) with "
+                        f"metrics a dict of tensors (got {got})")
+
+    run.returns_loss_and_metrics = True  # type: ignore[attr-defined]
+    return run
+
+
+def per_task_function(per_task: Any, caller: str) -> TaskFunction:
+    """The per-task function of ``per_task`` as a :class:`TaskFunction` that returns ``(loss, metrics)``.
+
+    ``per_task`` is a :class:`metafunc.MetaLearner` (its ``meta_loss``), a :class:`TaskFunction` (its checks are
+    kept) or any callable (no checks, not thread-safe). A per-task function may return a loss tensor or
+    ``(loss, metrics)``; this is the one place where that is normalised, so ``meta_batch`` and the meta-steps only
+    see ``(loss, metrics)``. Anything else is refused with a ``TypeError`` naming ``caller``.
 
     Example:
-        >>> per_task_function(len, "meta_batch") is len
-        True
+        >>> import torch
+        >>> from metafunc import Task
+        >>> f = per_task_function(lambda p, t: t.query_x.sum(), "meta_batch")
+        >>> f({}, Task(*(torch.ones(2, 1) for _ in range(4))))
+        (tensor(2.), {})
+        >>> per_task_function(3, "meta_batch")
+        Traceback (most recent call last):
+        ...
+        TypeError: meta_batch: per_task must be a MetaLearner or callable as per_task(params, task) (got int)
     """
     meta_loss = getattr(per_task, "meta_loss", None)
     if isinstance(meta_loss, TaskFunction) and hasattr(per_task, "adapt"):
-        return meta_loss
-    if not callable(per_task):
+        per_task = meta_loss
+    elif not callable(per_task):
         raise TypeError(f"{caller}: per_task must be a MetaLearner or callable as per_task(params, task) "
                         f"(got {type(per_task).__name__})")
-    return per_task  # type: ignore[no-any-return]
+    if isinstance(per_task, TaskFunction):
+        if getattr(per_task.fn, "returns_loss_and_metrics", False):
+            return per_task
+        return TaskFunction(_loss_and_metrics(per_task.fn, caller, per_task.name), validate=per_task.validate,
+                            thread_safe=per_task.thread_safe, name=per_task.name)
+    name = str(getattr(per_task, "__name__", type(per_task).__name__))
+    return TaskFunction(_loss_and_metrics(per_task, caller, name), name=name)
 
 
 def checks_of(per_task: Callable[..., Any]) -> tuple[Validator | None, Callable[[], bool]]:

@@ -149,13 +149,14 @@ def meta_value_and_grad(
     the second-order Conv-4 meta-gradient was 25-47% off the float32 one, see ``benchmarks/RESULTS.md``.)
 
     Example:
-        >>> from metafunc import functionalize, maml, models, sinusoid_tasks
+        >>> from metafunc import apply_grads, functionalize, maml, models, sinusoid_tasks
         >>> model, params = functionalize(models.mlp())
         >>> learner = maml(model, inner_lr=0.01, steps=1, loss="mse")
+        >>> optimizer = torch.optim.Adam(params.values(), lr=1e-3)
         >>> tasks = sinusoid_tasks(4, shots=5, generator=torch.Generator().manual_seed(0))
-        >>> loss, metrics, grads = meta_value_and_grad(learner.meta_loss)(params, tasks)
-        >>> for name, p in params.items():
-        ...     p.grad = grads[name]  # then optimizer.step()
+        >>> loss, metrics, grads = meta_value_and_grad(learner)(params, tasks)
+        >>> apply_grads(params, grads)
+        >>> optimizer.step()
     """
     per_task = per_task_function(per_task, "meta_value_and_grad")
     check_batching_options("meta_value_and_grad", mode, chunk_size)
@@ -189,8 +190,7 @@ def meta_value_and_grad(
         def differentiate(start: int, stop: int) -> tuple[tuple[Tensor | None, ...], Tensor, Metrics]:
             with torch.set_grad_enabled(grad_mode):  # grad mode is per thread
                 if run_mode == "loop":
-                    out = per_task(params, tasks.task_at(start))
-                    loss, metrics = (out[0], out[1]) if isinstance(out, tuple) and len(out) == 2 else (out, {})
+                    loss, metrics = per_task(params, tasks.task_at(start))
                 else:
                     loss, metrics = batched(params, Task(*(t[start:stop] for t in tasks)))
                 found = torch.autograd.grad(loss / n, leaves, allow_unused=True)
