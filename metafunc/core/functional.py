@@ -10,10 +10,10 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from metafunc.core.types import Params
+from metafunc.core.types import Params, Task
 from metafunc.nn.norm import find_torch_norm_layers
 
-__all__ = ["FunctionalModel", "functionalize", "check_params", "thread_safe"]
+__all__ = ["FunctionalModel", "functionalize", "check_params", "check_task_dtypes", "check_model_input", "thread_safe"]
 
 
 class FunctionalModel:
@@ -94,14 +94,21 @@ def functionalize(module: nn.Module) -> tuple[FunctionalModel, Params]:
     return model, model.init_params()
 
 
-def check_params(params: Any, model: Any, *, caller: str) -> None:
+def check_params(params: Any, model: Any, *, caller: str, exact: bool = False) -> None:
     """Raise a clear error when ``params`` is not a dict of tensors matching ``model``'s parameter names.
 
-    Extra keys are allowed (Meta-SGD's learning rates live next to the model's weights); missing ones are not.
+    Missing names are refused. Extra keys are allowed unless ``exact=True`` (Meta-SGD's learning rates live next to
+    the model's weights, so a learner checks what its model receives with ``exact=True``): then keys that are
+    neither a parameter nor a buffer of the model are refused, naming them, since the model's ``functional_call``
+    runs with ``strict=True``.
 
     Example:
         >>> model, params = functionalize(nn.Linear(2, 1))
         >>> check_params(params, model, caller="maml")
+        >>> check_params({**params, "scale": torch.ones(())}, model, caller="maml", exact=True)
+        Traceback (most recent call last):
+        ...
+        ValueError: maml: params has keys the model does not take: ['scale'] (its parameters are ['weight', 'bias']); pass the dict returned by functionalize(module) (or learner.init(params)) without other entries
     """
     if not isinstance(params, dict):
         raise TypeError(f"{caller}: params must be a dict of tensors, as returned by functionalize (got {type(params).__name__})")
@@ -109,13 +116,120 @@ def check_params(params: Any, model: Any, *, caller: str) -> None:
     if bad:
         raise TypeError(f"{caller}: params must hold tensors; {bad[:5]} are not")
     names = getattr(model, "param_names", None)
-    if names is not None:
-        missing = [n for n in names if n not in params]
-        if missing:
+    if names is None:
+        return
+    missing = [n for n in names if n not in params]
+    if missing:
+        raise ValueError(
+            f"{caller}: params is missing {missing[:6]}{' ...' if len(missing) > 6 else ''}; "
+            "pass the dict returned by functionalize(module) (or learner.init(params))"
+        )
+    if exact:
+        known = set(names) | set(getattr(model, "buffers", None) or ())
+        extra = [k for k in params if k not in known]
+        if extra:
+            shown = list(names[:6]) + (["..."] if len(names) > 6 else [])
             raise ValueError(
-                f"{caller}: params is missing {missing[:6]}{' ...' if len(missing) > 6 else ''}; "
-                "pass the dict returned by functionalize(module) (or learner.init(params))"
+                f"{caller}: params has keys the model does not take: {extra[:6]}{' ...' if len(extra) > 6 else ''} "
+                f"(its parameters are {shown}); pass the dict returned by functionalize(module) "
+                "(or learner.init(params)) without other entries"
             )
+
+
+def check_task_dtypes(params: Params, tasks: Task, *, caller: str) -> None:
+    """Refuse floating-point task tensors whose dtype differs from the parameters' (float64 tasks with float32
+    parameters fail inside the first layer otherwise); integer labels and token ids are not compared. Parameters of
+    several floating dtypes are left alone.
+
+    Example:
+        >>> params = {"w": torch.zeros(2, 1)}
+        >>> check_task_dtypes(params, Task(*(torch.zeros(1, 3, 2, dtype=torch.float64),) * 4), caller="maml")
+        Traceback (most recent call last):
+        ...
+        TypeError: maml: task.support_x is torch.float64 but the parameters are torch.float32; make them match: convert the tasks with tasks.to(torch.float32) (.float() on each tensor), or the model with module.to(torch.float64) (.double()) before functionalize
+    """
+    dtypes = {v.dtype for v in params.values() if isinstance(v, Tensor) and v.is_floating_point()}
+    if len(dtypes) != 1:
+        return
+    (dtype,) = dtypes
+    for name, t in zip(Task._fields, tasks):
+        if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != dtype:
+            raise TypeError(
+                f"{caller}: task.{name} is {t.dtype} but the parameters are {dtype}; make them match: convert the "
+                f"tasks with tasks.to({dtype}) ({_short_cast(dtype)} on each tensor), or the model with "
+                f"module.to({t.dtype}) ({_short_cast(t.dtype)}) before functionalize"
+            )
+
+
+def _short_cast(dtype: torch.dtype) -> str:
+    return {torch.float32: ".float()", torch.float64: ".double()", torch.float16: ".half()",
+            torch.bfloat16: ".bfloat16()"}.get(dtype, f".to({dtype})")
+
+
+def _first_layer(model: Any) -> tuple[str, nn.Module] | None:
+    """The layer that sees the inputs first, when that is plain to see: the first ``nn.Linear`` or convolution of
+    the model's module, provided no other layer with parameters comes before it."""
+    module = getattr(model, "module", None)
+    if not isinstance(module, nn.Module):
+        return None
+    for name, m in module.named_modules():
+        if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
+            return name or "<root>", m
+        if next(m.parameters(recurse=False), None) is not None:
+            return None
+    return None
+
+
+def _expected_example_shape(layer: nn.Module, x: Tensor) -> str | None:
+    """The example shape ``layer`` takes, as text, when ``x`` (examples first) does not have it; else None."""
+    if isinstance(layer, nn.Linear):
+        ok = x.dim() >= 2 and x.shape[-1] == layer.in_features
+        return None if ok else f"(..., {layer.in_features})"
+    if isinstance(layer, nn.modules.conv._ConvNd):
+        spatial = len(layer.kernel_size)
+        ok = x.dim() == spatial + 2 and x.shape[1] == layer.in_channels
+        names = {1: ["L"], 2: ["H", "W"], 3: ["D", "H", "W"]}.get(spatial, ["..."])
+        return None if ok else f"({', '.join([str(layer.in_channels), *names])})"
+    return None
+
+
+def check_model_input(model: Any, params: Params, x: Tensor, *, caller: str, name: str = "task.support_x") -> Tensor:
+    """``model(params, x)`` without a graph: the eager probe a learner runs on a few examples before any transform.
+
+    An input the model cannot take is a ``ValueError`` raised from torch's error: with the first layer's expected
+    example shape and the one given when the first layer refuses it, else with torch's message and the example
+    shape (running out of memory is re-raised as it is).
+
+    Example:
+        >>> model, params = functionalize(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)))
+        >>> check_model_input(model, params, torch.ones(2, 4), caller="maml").shape
+        torch.Size([2, 3])
+        >>> check_model_input(model, params, torch.ones(2, 5), caller="maml")
+        Traceback (most recent call last):
+        ...
+        ValueError: maml: the model's first layer '0' (Linear) takes examples of shape (..., 4) but task.support_x has examples of shape (5,); reshape the tasks' inputs or build the model for examples of shape (5,)
+    """
+    try:
+        with torch.no_grad():
+            return model(params, x)  # type: ignore[no-any-return]
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as error:
+        got = tuple(x.shape[1:])
+        first = _first_layer(model)
+        expected = _expected_example_shape(first[1], x) if first is not None else None
+        if first is not None and expected is not None:
+            raise ValueError(
+                f"{caller}: the model's first layer '{first[0]}' ({type(first[1]).__name__}) takes examples of shape "
+                f"{expected} but {name} has examples of shape {got}; reshape the tasks' inputs or build the model "
+                f"for examples of shape {got}"
+            ) from error
+        message = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ValueError(
+            f"{caller}: the model failed on {x.shape[0]} examples of {name} (example shape {got}, {x.dtype}, "
+            f"{x.device}): {message}; check that the tasks' inputs have the shape, dtype and device the model was "
+            "built for"
+        ) from error
 
 
 _SHARED_STATE_MODULES: tuple[type[nn.Module], ...] = (nn.MultiheadAttention, nn.TransformerEncoderLayer,
