@@ -7,7 +7,8 @@ The layers, from the bottom up (each imports only the ones above it in this list
 
 * :mod:`metafunc.core`: ``functionalize``, the parameter-tree helpers, the inner loop, ``meta_batch``;
 * :mod:`metafunc.nn`: exact norm layers, the MLP, Conv-4, ResNet-18 and ResNet-12;
-* :mod:`metafunc.algorithms` and :mod:`metafunc.gradients`: the learners and the gradient paths;
+* :mod:`metafunc.algorithms` and :mod:`metafunc.gradients`: the learners and the gradient paths (a new learner
+  is built on :mod:`metafunc.algorithms.base`: ``make_learner``, ``check_model``, ``resolve_loss``);
 * :mod:`metafunc.registry`: every learner by name;
 * :mod:`metafunc.step`: the meta-step ``step(params, tasks) -> (loss, metrics, grads)``, default and compiled;
 * :mod:`metafunc.data`: tasks and episodes; :mod:`metafunc.distributed`: the sharded step;
@@ -20,11 +21,14 @@ The layers, from the bottom up (each imports only the ones above it in this list
 from metafunc import gradients, registry
 from metafunc.algorithms import (
     META_SGD_LR_PREFIX,
+    LossSpec,
     MetaLearner,
     anil,
     boil,
+    check_model,
     fo_proto_maml,
     fomaml,
+    make_learner,
     maml,
     matching_net,
     meta_sgd,
@@ -33,6 +37,7 @@ from metafunc.algorithms import (
     prototype_head,
     prototypes,
     reptile,
+    resolve_loss,
     with_steps,
 )
 from metafunc.core import tree
@@ -72,6 +77,8 @@ __all__ = [
     # algorithms
     "MetaLearner", "maml", "fomaml", "anil", "boil", "meta_sgd", "reptile", "with_steps", "META_SGD_LR_PREFIX",
     "protonet", "matching_net", "proto_maml", "fo_proto_maml", "prototypes", "prototype_head",
+    # writing a learner (metafunc.algorithms.base)
+    "make_learner", "check_model", "resolve_loss", "LossSpec",
     # gradient paths for long inner loops
     "gradients", "GRADIENT_PATHS", "gradient_path", "checkpointed_maml", "imaml", "one_step", "conjugate_gradient",
     # the registry

@@ -104,6 +104,9 @@ def test_bad_tasks_are_clear_errors():
     tasks = few_shot_tasks()
     missing = Task(tasks.support_x, tasks.support_y.clamp(max=1), *tasks[2:])
     with pytest.raises(ValueError, match=r"matching_net: the support set of task 0 has no example of class 2"):
+        meta_batch(matching_net(encoder, ways=3).meta_loss)(params, missing)
+    with pytest.raises(ValueError, match=r"matching_net: task 0 has query label 2 .*not one of its support classes "
+                                         r"0..1 \(ways=2\)"):  # the number of ways comes from the support set
         meta_batch(matching_net(encoder).meta_loss)(params, missing)
     with pytest.raises(ValueError, match=r"matching_net: the labels go up to 2 but ways=2"):
         meta_batch(matching_net(encoder, ways=2).meta_loss)(params, tasks)

@@ -208,6 +208,9 @@ def test_bad_input_is_refused_eagerly():
     exact, exact_params = functionalize(convert_norm_layers(torch_encoder()))
     missing = Task(tasks.support_x, tasks.support_y.clamp(max=1), *tasks[2:])
     with pytest.raises(ValueError, match=r"fo_proto_maml: the support set of task 0 has no example of class 2"):
+        meta_batch(fo_proto_maml(exact, ways=3).meta_loss)(exact_params, missing)
+    with pytest.raises(ValueError, match=r"fo_proto_maml: task 0 has query label 2 .*not one of its support "
+                                         r"classes 0..1 \(ways=2\)"):  # the number of ways comes from the support set
         meta_batch(fo_proto_maml(exact).meta_loss)(exact_params, missing)
     with pytest.raises(ValueError, match=r"fo_proto_maml: the labels go up to 2 but ways=2"):
         meta_batch(fo_proto_maml(exact, ways=2, two_pass=True).meta_loss)(exact_params, tasks)

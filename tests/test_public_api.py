@@ -15,7 +15,7 @@ import metafunc
 
 CORE_MODULES = [
     "metafunc", "metafunc.core.types", "metafunc.core.tree", "metafunc.core.functional", "metafunc.nn.norm", "metafunc.core.inner",
-    "metafunc.core.batching", "metafunc.algorithms", "metafunc.algorithms._learner", "metafunc.algorithms.maml",
+    "metafunc.core.batching", "metafunc.algorithms", "metafunc.algorithms.base", "metafunc.algorithms.maml",
     "metafunc.algorithms.reptile", "metafunc.nn.models", "metafunc.data.sinusoid",
 ]
 

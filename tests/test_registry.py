@@ -218,10 +218,27 @@ def _imports() -> dict[str, list[tuple[str, str, int]]]:
     return out
 
 
+def _private_owner(module: str) -> str | None:
+    """The package that owns a private module (``metafunc.algorithms`` for ``metafunc.algorithms._metric``), or
+    None for a public module and for ``metafunc._shared``, the one private module every subpackage may use."""
+    parts = module.split(".")
+    for i, part in enumerate(parts):
+        if part.startswith("_") and module != "metafunc._shared":
+            return ".".join(parts[:i])
+    return None
+
+
 def test_no_module_imports_a_private_name_of_another():
     offenders = [f"{mod}:{line}: from {src} import {name}" for mod, imports in _imports().items()
                  for src, name, line in imports if name.startswith("_") and src != mod]
     assert not offenders, offenders
+    packages = {mod: mod if (PACKAGE / Path(*mod.split(".")[1:]) / "__init__.py").exists() else mod.rsplit(".", 1)[0]
+                for mod in _imports()}
+    outside = [f"{mod}:{line}: from {src} import {name}" for mod, imports in _imports().items()
+               for src, name, line in imports
+               if (owner := _private_owner(src)) is not None
+               and not (packages[mod] == owner or packages[mod].startswith(owner + "."))]
+    assert not outside, f"private modules imported from another package (make the names public): {outside}"
 
 
 def test_the_import_graph_has_no_cycles():
@@ -307,17 +324,55 @@ def test_torchrun_with_a_cuda_device_gives_each_rank_its_gpu(tmp_path, monkeypat
     assert seen["kwargs"]["wrap_step"] is distributed.sharded and seen["kwargs"]["is_main"] is False
 
 
-def test_the_worked_example_of_contributing_md_is_one_file_plus_one_registry_entry(tmp_path, capsys):
-    """CONTRIBUTING.md's "Adding a learner" example, run as written: the module, the registry line, then the CLI
-    trains it with its own option as a flag."""
+def _contributing_example() -> tuple[str, str]:
+    """The module code and the registry line of CONTRIBUTING.md's "Adding a learner" example."""
     import re
-    import types
 
     text = (ROOT / "CONTRIBUTING.md").read_text()
     section = text[text.index("## Adding a learner"):]
     module_code, registry_line = re.findall(r"```python\n(.*?)```", section, flags=re.S)[:2]
+    return module_code, registry_line
+
+
+def _run_example_module(module_code: str):
+    import types
+
     module = types.ModuleType("tempered_maml")
     exec(compile(module_code, "CONTRIBUTING.md", "exec"), module.__dict__)
+    return module
+
+
+def test_the_worked_example_of_contributing_md_uses_the_public_learner_base(float64):
+    """The example imports public names only (``metafunc._shared`` is the one shared private module), and the
+    learner it builds is right: dividing the support loss by T is MAML with inner_lr / T, and T = 1 is MAML."""
+    module_code, _ = _contributing_example()
+    imports = [node for node in ast.walk(ast.parse(module_code)) if isinstance(node, ast.ImportFrom)]
+    private = [f"from {node.module} import {a.name}" for node in imports for a in node.names
+               if node.module and node.module.startswith("metafunc") and node.module != "metafunc._shared"
+               and (any(p.startswith("_") for p in node.module.split(".")) or a.name.startswith("_"))]
+    assert not private, private
+    assert any(node.module == "metafunc.algorithms.base" for node in imports)
+    tempered_maml = _run_example_module(module_code).tempered_maml
+    torch.manual_seed(0)
+    model, params = mf.functionalize(mf.models.mlp(4, (8,), 3, norm="layer"))
+    g = torch.Generator().manual_seed(1)
+    tasks = mf.Task(torch.randn(3, 6, 4, generator=g), torch.randint(0, 3, (3, 6), generator=g),
+                    torch.randn(3, 6, 4, generator=g), torch.randint(0, 3, (3, 6), generator=g))
+    for temperature in (1.0, 4.0):
+        loss, _, grads = mf.meta_value_and_grad(tempered_maml(model, inner_lr=0.4, steps=2,
+                                                              temperature=temperature))(params, tasks)
+        ref_loss, _, ref = mf.meta_value_and_grad(mf.maml(model, inner_lr=0.4 / temperature, steps=2))(params, tasks)
+        assert torch.allclose(loss, ref_loss, rtol=1e-12, atol=0)
+        assert mf.tree.tree_relative_error(grads, ref) < 1e-12, temperature
+    with pytest.raises(ValueError, match=r"^tempered_maml: temperature must be > 0 \(got 0\)"):
+        tempered_maml(model, temperature=0)
+
+
+def test_the_worked_example_of_contributing_md_is_one_file_plus_one_registry_entry(tmp_path, capsys):
+    """CONTRIBUTING.md's "Adding a learner" example, run as written: the module, the registry line, then the CLI
+    trains it with its own option as a flag."""
+    module_code, registry_line = _contributing_example()
+    module = _run_example_module(module_code)
     entry = eval(registry_line.strip().rstrip(","), {"tempered_maml": module.tempered_maml})
     register_learner(entry[0], entry[1], needs_head=entry[2], path=entry[3], description=entry[4])
     try:

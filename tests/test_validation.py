@@ -12,13 +12,18 @@ from metafunc import (
     Task,
     anil,
     boil,
+    fo_proto_maml,
     fomaml,
     functionalize,
     inner_loop,
     maml,
+    matching_net,
     meta_batch,
     meta_sgd,
+    meta_value_and_grad,
     models,
+    proto_maml,
+    protonet,
     reptile,
     sinusoid_tasks,
 )
@@ -268,3 +273,140 @@ def test_random_ops_under_vmap_get_the_fix():
         run(params, _tasks())
     loss, _ = meta_batch(maml(model, inner_lr=0.1).meta_loss, mode="loop")(params, _tasks())  # the loop is fine
     assert torch.isfinite(loss)
+
+
+# --- dtypes, loss and labels, parameter names, input shapes: clear errors before any transform -----------------
+
+
+def _regression():
+    torch.manual_seed(0)
+    return functionalize(models.mlp(1, (8,), 1))
+
+
+@pytest.mark.parametrize("mode", ["vmap", "loop"])
+def test_tasks_of_another_dtype_than_the_parameters(no_transform, mode):
+    model, params = _classifier()
+    fix = (r"make them match: convert the tasks with tasks.to\(torch.float32\) \(.float\(\) on each tensor\), or "
+           r"the model with module.to\(torch.float64\) \(.double\(\)\) before functionalize")
+    with pytest.raises(TypeError, match=r"^maml: task.support_x is torch.float64 but the parameters are "
+                                        r"torch.float32; " + fix):
+        meta_batch(maml(model), mode=mode)(params, _tasks().to(torch.float64))
+    tasks = _tasks()
+    with pytest.raises(TypeError, match=r"^maml: task.query_x is torch.float64 but the parameters are torch.float32"):
+        meta_value_and_grad(maml(model), mode=mode)(params, tasks._replace(query_x=tasks.query_x.double()))
+    reg_model, reg_params = _regression()
+    sines = sinusoid_tasks(2, shots=3, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(TypeError, match=r"^fomaml: task.support_y is torch.float64 but the parameters are "
+                                        r"torch.float32; " + fix):
+        meta_batch(fomaml(reg_model, loss="mse"), mode=mode)(reg_params, sines._replace(support_y=sines.support_y.double()))
+    encoder, encoder_params = functionalize(nn.Sequential(nn.Linear(4, 8), nn.ReLU()))
+    with pytest.raises(TypeError, match=r"^protonet: task.support_x is torch.float64 but the parameters are "
+                                        r"torch.float32; " + fix):
+        meta_batch(protonet(encoder), mode=mode)(encoder_params, _protonet_tasks().to(torch.float64))
+    double = {k: v.detach().double().requires_grad_() for k, v in reg_params.items()}
+    with pytest.raises(TypeError, match=r"^maml: task.support_x is torch.float32 but the parameters are "
+                                        r"torch.float64; make them match: convert the tasks with "
+                                        r"tasks.to\(torch.float64\) \(.double\(\) on each tensor\)"):
+        meta_batch(maml(reg_model, loss="mse"), mode=mode)(double, sines)
+
+
+@pytest.mark.parametrize("factory", FACTORIES, ids=lambda f: f.__name__)
+def test_mse_with_integer_labels(no_transform, factory):
+    model, params = _classifier()
+    learner = factory(model, loss="mse")
+    with pytest.raises(TypeError, match=rf"^{factory.__name__}: loss='mse' needs floating-point targets but "
+                                        r"task.support_y holds torch.int64 \(class labels\?\); use "
+                                        r"loss='cross_entropy' for class labels, or pass float targets "
+                                        r"\(task.support_y.float\(\)\)"):
+        meta_value_and_grad(learner)(learner.init(params), _tasks())
+
+
+@pytest.mark.parametrize("factory", FACTORIES, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("mode", ["vmap", "loop"])
+def test_a_key_the_model_does_not_take(no_transform, factory, mode):
+    model, params = _classifier()
+    learner = factory(model)
+    extra = {**learner.init(params), "head.scale": torch.ones(3)}
+    with pytest.raises(ValueError, match=rf"^{factory.__name__}: params has keys the model does not take: "
+                                         r"\['head.scale'\] \(its parameters are \['body.0.weight', 'body.0.bias', "
+                                         r"'head.weight', 'head.bias'\]\); pass the dict returned by "
+                                         r"functionalize\(module\) \(or learner.init\(params\)\) without other entries"):
+        meta_batch(learner, mode=mode)(extra, _tasks())
+    with pytest.raises(ValueError, match=rf"^{factory.__name__}: params has keys the model does not take"):
+        meta_value_and_grad(learner, mode=mode)(extra, _tasks())
+    encoder, encoder_params = functionalize(nn.Sequential(nn.Linear(4, 8), nn.ReLU()))
+    with pytest.raises(ValueError, match=r"^protonet: params has keys the model does not take: \['scale'\]"):
+        meta_batch(protonet(encoder), mode=mode)({**encoder_params, "scale": torch.ones(())}, _protonet_tasks())
+
+
+@pytest.mark.parametrize("mode", ["vmap", "loop"])
+def test_inputs_of_the_wrong_shape_name_the_expected_shape(no_transform, mode):
+    model, params = _classifier()
+    with pytest.raises(ValueError, match=r"^maml: the model's first layer 'body.0' \(Linear\) takes examples of shape "
+                                         r"\(\.\.\., 4\) but task.support_x has examples of shape \(5,\); reshape the "
+                                         r"tasks' inputs or build the model for examples of shape \(5,\)") as info:
+        meta_value_and_grad(maml(model), mode=mode)(params, _tasks(features=5))
+    assert isinstance(info.value.__cause__, RuntimeError)  # raised from torch's own error
+    torch.manual_seed(0)
+    conv, conv_params = functionalize(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 4 * 4, 3)))
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor([[0, 1, 2, 0, 1, 2]] * 2)
+    rgb = Task(torch.randn(2, 6, 3, 6, 6, generator=g), labels, torch.randn(2, 6, 3, 6, 6, generator=g), labels)
+    with pytest.raises(ValueError, match=r"^anil: the model's first layer '0' \(Conv2d\) takes examples of shape "
+                                         r"\(1, H, W\) but task.support_x has examples of shape \(3, 6, 6\)"):
+        meta_batch(anil(conv, head="2"), mode=mode)(conv_params, rgb)
+    larger = Task(torch.randn(2, 6, 1, 8, 8, generator=g), labels, torch.randn(2, 6, 1, 8, 8, generator=g), labels)
+    with pytest.raises(ValueError, match=r"^maml: the model failed on 2 examples of task.support_x \(example shape "
+                                         r"\(1, 8, 8\), torch.float32, cpu\): mat1 and mat2 shapes cannot be multiplied "
+                                         r".*check that the tasks' inputs have the shape, dtype and device the model "
+                                         r"was built for") as info:
+        meta_batch(maml(conv), mode=mode)(conv_params, larger)
+    assert isinstance(info.value.__cause__, RuntimeError)
+    encoder, encoder_params = functionalize(nn.Sequential(nn.Linear(4, 8), nn.ReLU()))
+    tasks = _protonet_tasks()
+    with pytest.raises(ValueError, match=r"^protonet: the model's first layer '0' \(Linear\) takes examples of shape "
+                                         r"\(\.\.\., 4\) but task.support_x has examples of shape \(5,\)"):
+        meta_batch(protonet(encoder), mode=mode)(encoder_params, tasks._replace(
+            support_x=torch.randn(2, 6, 5), query_x=torch.randn(2, 3, 5)))
+
+
+def _protonet_tasks() -> Task:
+    g = torch.Generator().manual_seed(0)
+    return Task(torch.randn(2, 6, 4, generator=g), torch.tensor([[0, 0, 1, 1, 2, 2]] * 2),
+                torch.randn(2, 3, 4, generator=g), torch.tensor([[0, 1, 2]] * 2))
+
+
+@pytest.mark.parametrize("factory, ways", [(protonet, None), (protonet, 3), (matching_net, None), (proto_maml, None),
+                                           (fo_proto_maml, 3)], ids=["protonet", "protonet-ways3", "matching_net",
+                                                                     "proto_maml", "fo_proto_maml-ways3"])
+@pytest.mark.parametrize("mode", ["vmap", "loop"])
+def test_a_bad_query_label_is_reported_as_a_query_label(no_transform, factory, ways, mode):
+    encoder, params = functionalize(nn.Sequential(nn.Linear(4, 8), nn.ReLU()))
+    tasks = _protonet_tasks()
+    bad = tasks._replace(query_y=torch.tensor([[0, 1, 2], [0, 1, 3]]))
+    name = factory.__name__
+    with pytest.raises(ValueError, match=rf"^{name}: task 1 has query label 3 \(task.query_y, example 2\), which is "
+                                         r"not one of its support classes 0..2 \(ways=3\); every query label must be "
+                                         r"a class of its task's support set") as info:
+        meta_batch(factory(encoder, ways=ways), mode=mode)(params, bad)
+    assert "support set of task" not in str(info.value)
+    negative = tasks._replace(query_y=torch.tensor([[0, 1, 2], [0, -1, 2]]))
+    with pytest.raises(ValueError, match=rf"^{name}: task.query_y has negative labels \(min -1\)"):
+        meta_batch(factory(encoder, ways=ways), mode=mode)(params, negative)
+    missing = tasks._replace(support_y=torch.tensor([[0, 0, 1, 1, 2, 2], [0, 0, 1, 1, 0, 0]]))  # and query has a 2
+    with pytest.raises(ValueError, match=rf"^{name}: the support set of task 1 has no example of class 2 \(ways=3\)"):
+        meta_batch(factory(encoder, ways=3), mode=mode)(params, missing)
+
+
+def test_a_per_task_function_that_returns_something_else_is_refused(no_transform):
+    tasks = _tasks()
+
+    def three(params, task):
+        return task.query_x.sum(), {}, None
+
+    with pytest.raises(TypeError, match=r"^meta_batch: the per-task function three must return a loss tensor or "
+                                        r"\(loss, metrics\) with metrics a dict of tensors \(got tuple of 3\)"):
+        meta_batch(three, mode="loop")({}, tasks)
+    with pytest.raises(TypeError, match=r"^meta_value_and_grad: the per-task function <lambda> must return a loss "
+                                        r"tensor or \(loss, metrics\) .*\(got float\)"):
+        meta_value_and_grad(lambda p, t: 1.0, mode="loop")({"w": torch.ones(1, requires_grad=True)}, tasks)

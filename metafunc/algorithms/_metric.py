@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from metafunc._shared import check_steps
-from metafunc.core.functional import check_params, thread_safe
+from metafunc.core.functional import check_model_input, check_params, check_task_dtypes, thread_safe
 from metafunc.core.task_function import TaskFunction
 from metafunc.core.types import Metrics, ModelFn, Params, Task, check_task
 
@@ -86,19 +86,62 @@ class WaysResolver:
             return self.derived
 
 
+def _check_labels(caller: str, support_y: Tensor, query_y: Tensor, ways: WaysResolver) -> None:
+    """Integer labels; the number of ways fixed or derived from the support labels; every class in every support
+    set; every query label one of its task's support classes. ``support_y``/``query_y`` are ``(tasks, examples)``."""
+    for name, y in (("support_y", support_y), ("query_y", query_y)):
+        if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool or y.dim() != 2:
+            raise TypeError(
+                f"{caller}: task.{name} must hold one integer class label per example (got dtype {y.dtype}, "
+                f"shape {tuple(y.shape)})"
+            )
+        if int(y.min()) < 0:
+            raise ValueError(f"{caller}: task.{name} has negative labels (min {int(y.min())}); relabel 0..ways-1")
+    top = int(support_y.max()) + 1
+    n = ways.fixed
+    if n is None:
+        n = max(top, 2)
+        ways.derived = n
+    elif top > n:
+        raise ValueError(
+            f"{caller}: the labels go up to {top - 1} but ways={n} (in task.support_y); labels must be in [0, {n - 1}] "
+            f"(pass ways={top} or relabel each task 0..ways-1)"
+        )
+    present = torch.stack([(support_y == k).any(dim=1) for k in range(n)], dim=1)  # (tasks, ways)
+    if not bool(present.all()):
+        task_index, klass = (int(i) for i in (~present).nonzero()[0])
+        raise ValueError(
+            f"{caller}: the support set of task {task_index} has no example of class {klass} (ways={n}); "
+            "every class 0..ways-1 needs at least one support example"
+        )
+    bad = query_y >= n  # every class 0..n-1 is in every support set, so these are the query labels it lacks
+    if bool(bad.any()):
+        task_index, example = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"{caller}: task {task_index} has query label {int(query_y[task_index, example])} (task.query_y, example "
+            f"{example}), which is not one of its support classes 0..{n - 1} (ways={n}); every query label must be a "
+            "class of its task's support set (relabel the query set with the support set's labels)"
+        )
+
+
 def metric_checks(*, caller: str, encoder: ModelFn, ways: WaysResolver,
                   encoder_params: Callable[[Params], Params] = lambda p: p,
                   second_order: bool = False) -> Callable[..., None]:
     """The eager ``validate(params, tasks, vmapped, batched)`` of a metric learner, run by :func:`meta_batch`.
 
-    It checks the parameter names, that the encoder returns ``(examples, features)``, that labels are integers,
-    derives (or checks) the number of ways, and that every support set holds every class.
+    It checks the parameter names (none missing, none the encoder does not take), that floating-point tasks have
+    the parameters' dtype, that the encoder takes the tasks' inputs and returns ``(examples, features)``, that
+    labels are integers, derives (or checks) the number of ways from the support labels, that every support set
+    holds every class, and that every query label is one of its task's support classes.
     """
     shapes: dict[tuple, tuple[int, ...]] = {}
 
     def validate(params: Params, tasks: Task, vmapped: bool = True, batched: bool = True) -> None:
         check_params(params, encoder, caller=caller)
         tasks = check_task(tasks, caller=caller, batched=batched)
+        theta = encoder_params(params)
+        check_params(theta, encoder, caller=caller, exact=True)
+        check_task_dtypes(theta, tasks, caller=caller)
         if vmapped and second_order and getattr(encoder, "torch_norm_layers", []):
             raise ValueError(
                 f"{caller}: the encoder has torch norm layers {encoder.torch_norm_layers} whose second-order "  # type: ignore[attr-defined]
@@ -108,9 +151,7 @@ def metric_checks(*, caller: str, encoder: ModelFn, ways: WaysResolver,
         x = tasks.support_x[0] if batched else tasks.support_x
         key = (tuple(x.shape[1:]), x.dtype, x.device)
         if key not in shapes:
-            with torch.no_grad():
-                out = encoder(encoder_params(params), x[:2])
-            shapes[key] = tuple(out.shape)
+            shapes[key] = tuple(check_model_input(encoder, theta, x[:2], caller=caller).shape)
         if len(shapes[key]) != 2:
             raise ValueError(
                 f"{caller}: the encoder must return features of shape (examples, features) (got shape "
@@ -118,31 +159,7 @@ def metric_checks(*, caller: str, encoder: ModelFn, ways: WaysResolver,
             )
         support_y = tasks.support_y if batched else tasks.support_y.unsqueeze(0)
         query_y = tasks.query_y if batched else tasks.query_y.unsqueeze(0)
-        for name, y in (("support_y", support_y), ("query_y", query_y)):
-            if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool or y.dim() != 2:
-                raise TypeError(
-                    f"{caller}: task.{name} must hold one integer class label per example (got dtype {y.dtype}, "
-                    f"shape {tuple(y.shape)})"
-                )
-            if int(y.min()) < 0:
-                raise ValueError(f"{caller}: task.{name} has negative labels (min {int(y.min())}); relabel 0..ways-1")
-        top = max(int(support_y.max()), int(query_y.max())) + 1
-        n = ways.fixed
-        if n is None:
-            n = max(top, 2)
-            ways.derived = n
-        elif top > n:
-            raise ValueError(
-                f"{caller}: the labels go up to {top - 1} but ways={n}; labels must be in [0, {n - 1}] "
-                f"(pass ways={top} or relabel each task 0..ways-1)"
-            )
-        present = torch.stack([(support_y == k).any(dim=1) for k in range(n)], dim=1)  # (tasks, ways)
-        if not bool(present.all()):
-            task_index, klass = (int(i) for i in (~present).nonzero()[0])
-            raise ValueError(
-                f"{caller}: the support set of task {task_index} has no example of class {klass} (ways={n}); "
-                "every class 0..ways-1 needs at least one support example"
-            )
+        _check_labels(caller, support_y, query_y, ways)
 
     return validate
 

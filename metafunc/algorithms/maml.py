@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from metafunc._shared import check_positive, check_steps
-from metafunc.algorithms._learner import LossSpec, MetaLearner, build_learner, check_model, resolve_loss
+from metafunc.algorithms.base import LossSpec, MetaLearner, check_model, make_learner, resolve_loss
 from metafunc.core.inner import first_order as first_order_transform
 from metafunc.core.inner import inner_loop
 from metafunc.core.tree import selector_predicate
@@ -32,8 +32,8 @@ def _gradient_learner(name: str, model: ModelFn, *, inner_lr: float, steps: int,
     adapt_fn = inner_loop(task_loss, steps=steps, lr=inner_lr, adapt=adapt)
     if first_order:
         adapt_fn = first_order_transform(adapt_fn)
-    return build_learner(name=name, model=model, adapt=adapt_fn, loss_fn=loss_fn, classification=classification,
-                         second_order=not first_order)
+    return make_learner(name=name, model=model, adapt=adapt_fn, loss_fn=loss_fn, classification=classification,
+                        second_order=not first_order)
 
 
 def maml(model: ModelFn, *, inner_lr: float = 0.4, steps: int = 1, loss: LossSpec = "cross_entropy",
@@ -46,12 +46,12 @@ def maml(model: ModelFn, *, inner_lr: float = 0.4, steps: int = 1, loss: LossSpe
     parameters (see :func:`anil`, :func:`boil`).
 
     Example:
-        >>> from metafunc import functionalize, meta_batch, models, sinusoid_tasks
+        >>> from metafunc import apply_grads, functionalize, meta_value_and_grad, models, sinusoid_tasks
         >>> model, params = functionalize(models.mlp())
         >>> learner = maml(model, inner_lr=0.01, steps=1, loss="mse")
         >>> tasks = sinusoid_tasks(4, shots=10, generator=torch.Generator().manual_seed(0))
-        >>> loss, metrics = meta_batch(learner.meta_loss)(params, tasks)
-        >>> loss.backward()
+        >>> loss, metrics, grads = meta_value_and_grad(learner)(params, tasks)
+        >>> apply_grads(params, grads)  # then optimizer.step()
     """
     return _gradient_learner("maml", model, inner_lr=inner_lr, steps=steps, loss=loss, first_order=first_order,
                              adapt=adapt)
@@ -140,14 +140,16 @@ def meta_sgd(model: ModelFn, *, inner_lr: float = 0.4, steps: int = 1, loss: Los
                for k, v in params.items() if not k.startswith(META_SGD_LR_PREFIX) and select_adapted(k)}
         return {**params, **lrs}
 
+    names = set(getattr(model, "param_names", None) or ())  # a key the model does not take is refused by the checks
+
     def split(params: Params) -> tuple[Params, dict]:
         model_params = {k: v for k, v in params.items() if not k.startswith(META_SGD_LR_PREFIX)}
         lrs = {k[len(META_SGD_LR_PREFIX):]: v for k, v in params.items() if k.startswith(META_SGD_LR_PREFIX)}
-        missing = [k for k in model_params if select_adapted(k) and k not in lrs]
+        missing = [k for k in model_params if (not names or k in names) and select_adapted(k) and k not in lrs]
         if missing:
             raise ValueError(f"meta_sgd: the meta-parameters lack learning rates for {missing[:4]}; "
                              "build them with learner.init(params)")
         return model_params, {"lr": lrs}
 
-    return build_learner(name=name, model=model, adapt=adapt_fn, loss_fn=loss_fn, classification=classification,
-                         second_order=not first_order, init=init, split=split)
+    return make_learner(name=name, model=model, adapt=adapt_fn, loss_fn=loss_fn, classification=classification,
+                        second_order=not first_order, init=init, split=split)

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from metafunc._shared import check_positive, check_steps
-from metafunc.algorithms._learner import MetaLearner, check_model, task_metrics
 from metafunc.algorithms._metric import WaysResolver, check_ways, metric_objectives, one_hot
+from metafunc.algorithms.base import MetaLearner, check_model, task_metrics
 from metafunc.core.types import Metrics, ModelFn, Params, Task
 
 __all__ = ["matching_net", "FCE_PREFIX", "SUPPORT_FEATURES_KEY", "SUPPORT_LABELS_KEY"]
@@ -76,14 +76,14 @@ def matching_net(encoder: ModelFn, *, ways: int | None = None, temperature: floa
 
     Example:
         >>> import torch
-        >>> from metafunc import Task, functionalize, meta_batch
+        >>> from metafunc import Task, apply_grads, functionalize, meta_value_and_grad
         >>> encoder, params = functionalize(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU()))
         >>> learner = matching_net(encoder, fce=True, feature_dim=8)
         >>> meta_params = learner.init(params)
         >>> tasks = Task(torch.randn(2, 6, 4), torch.tensor([[0, 0, 1, 1, 2, 2]] * 2),
         ...              torch.randn(2, 3, 4), torch.tensor([[0, 1, 2]] * 2))
-        >>> loss, metrics = meta_batch(learner.meta_loss)(meta_params, tasks)
-        >>> loss.backward()
+        >>> loss, metrics, grads = meta_value_and_grad(learner)(meta_params, tasks)
+        >>> apply_grads(meta_params, grads)  # then optimizer.step()
     """
     name = "matching_net"
     check_model(encoder, name)

@@ -18,8 +18,8 @@ from torch import Tensor
 from torch.func import grad
 
 from metafunc._shared import check_positive, check_steps, under_func_transform
-from metafunc.algorithms._learner import MetaLearner, check_model, task_metrics
 from metafunc.algorithms._metric import WaysResolver, check_ways, metric_checks, prototypes
+from metafunc.algorithms.base import MetaLearner, check_model, task_metrics
 from metafunc.core.functional import thread_safe
 from metafunc.core.inner import inner_loop
 from metafunc.core.task_function import TaskFunction
@@ -235,13 +235,13 @@ def proto_maml(encoder: ModelFn, *, inner_lr: float = 0.1, head_lr: float | None
 
     Example:
         >>> import torch
-        >>> from metafunc import Task, functionalize, meta_batch
+        >>> from metafunc import Task, apply_grads, functionalize, meta_value_and_grad
         >>> encoder, params = functionalize(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU()))
         >>> learner = proto_maml(encoder, inner_lr=0.1, head_lr=0.5, steps=2)
         >>> tasks = Task(torch.randn(2, 6, 4), torch.tensor([[0, 0, 1, 1, 2, 2]] * 2),
         ...              torch.randn(2, 3, 4), torch.tensor([[0, 1, 2]] * 2))
-        >>> loss, metrics = meta_batch(learner.meta_loss)(params, tasks)
-        >>> loss.backward()
+        >>> loss, metrics, grads = meta_value_and_grad(learner)(params, tasks)
+        >>> apply_grads(params, grads)  # then optimizer.step()
     """
     return _proto_maml("fo_proto_maml" if first_order else "proto_maml", encoder, inner_lr=inner_lr,
                        head_lr=head_lr, steps=steps, first_order=first_order, two_pass=False, ways=ways, adapt=adapt)
@@ -257,7 +257,7 @@ def fo_proto_maml(encoder: ModelFn, *, inner_lr: float = 0.1, head_lr: float | N
     features; (b) the prototypes again with a graph, the output-layer rewrite, the stored features through the
     output layer, backpropagated into the encoder; the sum of (a) and (b). Both gradients are taken inside
     ``meta_loss``, which returns a loss whose value is the query loss and whose gradient w.r.t. the parameters is
-    that meta-gradient, so ``meta_batch`` (vmap or loop) and ``loss.backward()`` work as usual. Its derivatives of
+    that meta-gradient, so ``meta_value_and_grad`` and ``meta_batch`` (vmap or loop) work as usual. Its derivatives of
     order two and higher are not those of the query loss (it is a first-order method). Costs one more encoder
     forward over the support set. The memory saving is largest with ``meta_batch(..., mode="loop")``: there the
     two gradients use ``torch.autograd.grad``; under ``vmap`` (or inside ``torch.func.grad``) they use
@@ -271,13 +271,13 @@ def fo_proto_maml(encoder: ModelFn, *, inner_lr: float = 0.1, head_lr: float | N
 
     Example:
         >>> import torch
-        >>> from metafunc import Task, functionalize, meta_batch
+        >>> from metafunc import Task, apply_grads, functionalize, meta_value_and_grad
         >>> encoder, params = functionalize(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU()))
         >>> learner = fo_proto_maml(encoder, inner_lr=0.1, steps=3, two_pass=True)
         >>> tasks = Task(torch.randn(2, 6, 4), torch.tensor([[0, 0, 1, 1, 2, 2]] * 2),
         ...              torch.randn(2, 3, 4), torch.tensor([[0, 1, 2]] * 2))
-        >>> loss, metrics = meta_batch(learner.meta_loss)(params, tasks)
-        >>> loss.backward()
+        >>> loss, metrics, grads = meta_value_and_grad(learner)(params, tasks)
+        >>> apply_grads(params, grads)  # then optimizer.step()
     """
     return _proto_maml("fo_proto_maml", encoder, inner_lr=inner_lr, head_lr=head_lr, steps=steps, first_order=True,
                        two_pass=two_pass, ways=ways, adapt=adapt, query_chunk_size=query_chunk_size)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from metafunc.algorithms._learner import MetaLearner, check_model, task_metrics
 from metafunc.algorithms._metric import WaysResolver, check_ways, metric_objectives, prototypes, squared_distances
+from metafunc.algorithms.base import MetaLearner, check_model, task_metrics
 from metafunc.core.types import Metrics, ModelFn, Params, Task
 
 __all__ = ["protonet", "prototypes", "squared_distances", "PROTOTYPES_KEY"]
@@ -28,13 +28,13 @@ def protonet(encoder: ModelFn, *, ways: int | None = None) -> MetaLearner:
 
     Example:
         >>> import torch
-        >>> from metafunc import Task, functionalize, meta_batch
+        >>> from metafunc import Task, apply_grads, functionalize, meta_value_and_grad
         >>> encoder, params = functionalize(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU()))
         >>> learner = protonet(encoder)
         >>> tasks = Task(torch.randn(2, 6, 4), torch.tensor([[0, 0, 1, 1, 2, 2]] * 2),
         ...              torch.randn(2, 3, 4), torch.tensor([[0, 1, 2]] * 2))
-        >>> loss, metrics = meta_batch(learner.meta_loss)(params, tasks)
-        >>> loss.backward()
+        >>> loss, metrics, grads = meta_value_and_grad(learner)(params, tasks)
+        >>> apply_grads(params, grads)  # then optimizer.step()
     """
     name = "protonet"
     check_model(encoder, name)

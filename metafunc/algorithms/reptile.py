@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from metafunc._shared import check_positive, check_steps
-from metafunc.algorithms._learner import LossSpec, MetaLearner, build_learner, check_model, resolve_loss
+from metafunc.algorithms.base import LossSpec, MetaLearner, check_model, make_learner, resolve_loss
 from metafunc.core.inner import first_order as first_order_transform
 from metafunc.core.inner import inner_loop
 from metafunc.core.types import ModelFn, Params, Selector
@@ -24,13 +24,13 @@ def reptile(model: ModelFn, *, inner_lr: float = 0.1, steps: int = 5, loss: Loss
     reported ``metrics["loss"]`` is the query loss after adaptation.
 
     Example:
-        >>> from metafunc import functionalize, meta_batch, models, sinusoid_tasks
+        >>> from metafunc import apply_grads, functionalize, meta_value_and_grad, models, sinusoid_tasks
         >>> model, params = functionalize(models.mlp())
         >>> learner = reptile(model, inner_lr=0.01, steps=5, loss="mse")
         >>> opt = torch.optim.SGD(params.values(), lr=0.1)   # epsilon = 0.1
         >>> tasks = sinusoid_tasks(4, shots=10, generator=torch.Generator().manual_seed(0))
-        >>> surrogate, metrics = meta_batch(learner.meta_loss)(params, tasks)
-        >>> surrogate.backward(); opt.step()
+        >>> surrogate, metrics, grads = meta_value_and_grad(learner)(params, tasks)
+        >>> apply_grads(params, grads); opt.step()
     """
     name = "reptile"
     check_model(model, name)
@@ -46,5 +46,5 @@ def reptile(model: ModelFn, *, inner_lr: float = 0.1, steps: int = 5, loss: Loss
     def toward_adapted(model_params: Params, task_params: Params, query_loss: Tensor) -> Tensor:
         return 0.5 * sum(((model_params[k] - task_params[k].detach()) ** 2).sum() for k in model_params)  # type: ignore[return-value]
 
-    return build_learner(name=name, model=model, adapt=adapt_fn, loss_fn=loss_fn, classification=classification,
-                         second_order=False, outer_objective=toward_adapted)
+    return make_learner(name=name, model=model, adapt=adapt_fn, loss_fn=loss_fn, classification=classification,
+                        second_order=False, outer_objective=toward_adapted)

@@ -78,8 +78,8 @@ def attach_gradient(params: Params, value: Tensor, gradient: Params) -> Tensor:
 
     ``value.detach() + (<params, stopgrad(gradient)> - stopgrad(<params, stopgrad(gradient)>))``: the bracket is
     exactly zero, and its derivative is ``gradient``. This lets a path that computes its meta-gradient itself (by
-    vector-Jacobian products or a linear solve) return a loss that ``loss.backward()``, ``meta_batch`` (vmap and
-    loop) and ``torch.func.grad`` differentiate like any other learner's.
+    vector-Jacobian products or a linear solve) return a loss that the meta-steps (``meta_value_and_grad``),
+    ``meta_batch`` (vmap and loop) and ``torch.func.grad`` differentiate like any other learner's.
     """
     dot = cast(Tensor, sum((params[k] * gradient[k].detach()).sum() for k in gradient))
     return value.detach() + (dot - dot.detach())

@@ -8,12 +8,11 @@ from torch import Tensor
 from torch.func import grad_and_value
 
 from metafunc._shared import check_choice, check_positive, check_steps
-from metafunc.algorithms._learner import (
+from metafunc.algorithms.base import (
     LossSpec,
     MetaLearner,
-    build_learner,
     check_model,
-    learner_checks,
+    make_learner,
     resolve_loss,
     task_metrics,
 )
@@ -101,12 +100,12 @@ def checkpointed_maml(
 
     Example:
         >>> import torch
-        >>> from metafunc import functionalize, meta_batch, models, sinusoid_tasks
+        >>> from metafunc import apply_grads, functionalize, meta_value_and_grad, models, sinusoid_tasks
         >>> model, params = functionalize(models.mlp())
         >>> learner = checkpointed_maml(model, inner_lr=0.01, steps=100, loss="mse", checkpoints=10, hvp="reverse")
         >>> tasks = sinusoid_tasks(4, shots=10, generator=torch.Generator().manual_seed(0))
-        >>> loss, metrics = meta_batch(learner.meta_loss)(params, tasks)
-        >>> loss.backward()
+        >>> loss, metrics, grads = meta_value_and_grad(learner)(params, tasks)
+        >>> apply_grads(params, grads)  # then optimizer.step()
     """
     name = "checkpointed_maml"
     check_model(model, name)
@@ -125,8 +124,8 @@ def checkpointed_maml(
     lr = float(inner_lr)
 
     adapt_fn = first_order_transform(inner_loop(task_loss, steps=steps, lr=lr, adapt=adapt))
-    learner = build_learner(name=name, model=model, adapt=adapt_fn, loss_fn=loss_fn, classification=classification,
-                            second_order=True)
+    learner = make_learner(name=name, model=model, adapt=adapt_fn, loss_fn=loss_fn, classification=classification,
+                           second_order=True)
 
     def meta_loss(params: Params, task: Task) -> tuple[Tensor, Metrics]:
         names = select(params, adapt, caller=name)
@@ -171,4 +170,4 @@ def checkpointed_maml(
 
     return learner._replace(meta_loss=TaskFunction(
         meta_loss, name=f"{name}_meta_loss", thread_safe=learner.meta_loss.thread_safe,
-        validate=learner_checks(caller=name, model=model, classification=classification, second_order=True)))
+        validate=learner.meta_loss.validate))

@@ -9,12 +9,11 @@ from torch import Tensor
 from torch.func import grad, grad_and_value, vjp
 
 from metafunc._shared import check_choice, check_nonnegative, check_positive, check_steps
-from metafunc.algorithms._learner import (
+from metafunc.algorithms.base import (
     LossSpec,
     MetaLearner,
-    build_learner,
     check_model,
-    learner_checks,
+    make_learner,
     resolve_loss,
     task_metrics,
 )
@@ -102,17 +101,17 @@ def imaml(
     with ``cg_iterations`` steps of :func:`conjugate_gradient`, using Hessian-vector products from
     ``torch.func.vjp`` of ``torch.func.grad`` (one linearisation per task, reused by every iteration). Memory does
     not grow with ``steps``. ``damping`` (>= 0) regularises the solve. The returned loss is the query loss at
-    ``phi`` and carries ``g`` as its gradient, so ``loss.backward()`` and :func:`metafunc.meta_batch` (vmap or
-    loop) work as for any learner. All parameters are adapted.
+    ``phi`` and carries ``g`` as its gradient, so :func:`metafunc.meta_value_and_grad`, :func:`metafunc.meta_batch`
+    (vmap or loop) and ``torch.func.grad`` work as for any learner. All parameters are adapted.
 
     Example:
         >>> import torch
-        >>> from metafunc import functionalize, meta_batch, models, sinusoid_tasks
+        >>> from metafunc import apply_grads, functionalize, meta_value_and_grad, models, sinusoid_tasks
         >>> model, params = functionalize(models.mlp())
         >>> learner = imaml(model, inner_lr=0.01, steps=20, loss="mse", lam=2.0, cg_iterations=5)
         >>> tasks = sinusoid_tasks(4, shots=10, generator=torch.Generator().manual_seed(0))
-        >>> loss, metrics = meta_batch(learner.meta_loss)(params, tasks)
-        >>> loss.backward()
+        >>> loss, metrics, grads = meta_value_and_grad(learner)(params, tasks)
+        >>> apply_grads(params, grads)  # then optimizer.step()
     """
     name = "imaml"
     check_model(model, name)
@@ -132,8 +131,8 @@ def imaml(
         phi, losses = run(params, x, y)
         return tree_straight_through(params, phi), losses
 
-    learner = build_learner(name=name, model=model, adapt=adapt_fn, loss_fn=loss_fn, classification=classification,
-                            second_order=True)
+    learner = make_learner(name=name, model=model, adapt=adapt_fn, loss_fn=loss_fn, classification=classification,
+                           second_order=True)
 
     def meta_loss(params: Params, task: Task) -> tuple[Tensor, Metrics]:
         x, y = task.support_x, task.support_y
@@ -157,4 +156,4 @@ def imaml(
 
     return learner._replace(meta_loss=TaskFunction(
         meta_loss, name=f"{name}_meta_loss", thread_safe=learner.meta_loss.thread_safe,
-        validate=learner_checks(caller=name, model=model, classification=classification, second_order=True)))
+        validate=learner.meta_loss.validate))

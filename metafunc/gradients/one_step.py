@@ -8,7 +8,7 @@ from typing import Callable
 from torch import Tensor
 
 from metafunc._shared import check_positive, check_steps
-from metafunc.algorithms._learner import LossSpec, MetaLearner, build_learner, check_model, resolve_loss
+from metafunc.algorithms.base import LossSpec, MetaLearner, check_model, make_learner, resolve_loss
 from metafunc.core.inner import inner_loop
 from metafunc.core.tree import tree_detach, tree_straight_through
 from metafunc.core.types import AdaptFn, ModelFn, Params, Selector
@@ -65,12 +65,12 @@ def one_step(model: ModelFn, *, inner_lr: float = 0.4, steps: int = 1, loss: Los
 
     Example:
         >>> import torch
-        >>> from metafunc import functionalize, meta_batch, models, sinusoid_tasks
+        >>> from metafunc import apply_grads, functionalize, meta_value_and_grad, models, sinusoid_tasks
         >>> model, params = functionalize(models.mlp())
         >>> learner = one_step(model, inner_lr=0.01, steps=100, loss="mse")
         >>> tasks = sinusoid_tasks(4, shots=10, generator=torch.Generator().manual_seed(0))
-        >>> loss, metrics = meta_batch(learner.meta_loss)(params, tasks)
-        >>> loss.backward()
+        >>> loss, metrics, grads = meta_value_and_grad(learner)(params, tasks)
+        >>> apply_grads(params, grads)  # then optimizer.step()
     """
     name = "one_step"
     check_model(model, name)
@@ -78,5 +78,5 @@ def one_step(model: ModelFn, *, inner_lr: float = 0.4, steps: int = 1, loss: Los
     check_steps(name, "steps", steps)
     loss_fn, classification = resolve_loss(loss, name)
     adapt_fn = one_step_adapt(make_task_loss(model, loss_fn), steps=steps, lr=float(inner_lr), adapt=adapt)
-    return build_learner(name=name, model=model, adapt=adapt_fn, loss_fn=loss_fn, classification=classification,
-                         second_order=True)
+    return make_learner(name=name, model=model, adapt=adapt_fn, loss_fn=loss_fn, classification=classification,
+                        second_order=True)

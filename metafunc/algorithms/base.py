@@ -1,4 +1,9 @@
-"""What every algorithm shares: the :class:`MetaLearner` contract, task losses and eager checks."""
+"""The learner base, public for anyone writing a learner: the :class:`MetaLearner` contract, :func:`make_learner`
+(which turns an adaptation and a loss into a learner with its eager checks), the task losses and the checks.
+
+A new model-based learner is a factory that checks its hyperparameters, builds an inner loop and returns
+``make_learner(...)``; see CONTRIBUTING.md ("Adding a learner") for a worked example.
+"""
 
 from __future__ import annotations
 
@@ -10,14 +15,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metafunc._shared import check_steps
-from metafunc.core.functional import check_params, thread_safe
+from metafunc.core.functional import check_model_input, check_params, check_task_dtypes, thread_safe
 from metafunc.core.task_function import TaskFunction, Validator
 from metafunc.core.types import AdaptFn, LossFn, Metrics, ModelFn, Params, Task, check_labels, check_task
 
-__all__ = ["MetaLearner", "resolve_loss", "check_model", "task_metrics", "learner_checks", "build_learner", "LossSpec",
+__all__ = ["MetaLearner", "make_learner", "resolve_loss", "check_model", "task_metrics", "learner_checks", "LossSpec",
            "with_steps"]
 
 LossSpec = Union[str, LossFn]
+"""A learner's ``loss=``: ``"cross_entropy"`` (class labels), ``"mse"`` (float targets) or a callable
+``loss(prediction, target) -> scalar``."""
 
 
 class MetaLearner(NamedTuple):
@@ -26,7 +33,7 @@ class MetaLearner(NamedTuple):
     * ``init(model_params) -> meta_params``: the tree the outer optimizer updates (Meta-SGD adds learning rates).
     * ``adapt(meta_params, x, y, *, steps=None) -> (task_params, support_losses)``: the inner loop of one task.
     * ``meta_loss(meta_params, task) -> (loss, metrics)``: one task's objective; its gradient is the meta-gradient.
-      Batch it with :func:`metafunc.meta_batch`.
+      A meta-step over a meta-batch is ``loss, metrics, grads = metafunc.meta_value_and_grad(learner)(params, tasks)``.
     * ``evaluate(meta_params, task, *, steps=None) -> (query_loss, metrics)``: adapt then score the query set.
     * ``predict(task_params, x)``: the model's output with adapted parameters.
 
@@ -35,11 +42,15 @@ class MetaLearner(NamedTuple):
     :func:`metafunc.meta_batch` and every meta-step find through the learner (``meta_batch(learner)``) or through
     ``learner.meta_loss``.
 
+    Build a model-based learner with :func:`make_learner`, which makes ``meta_loss`` and ``evaluate`` and their checks.
+
     Example:
-        >>> from metafunc import functionalize, maml, meta_batch
+        >>> from metafunc import functionalize, maml
         >>> model, params = functionalize(torch.nn.Linear(1, 1))
         >>> learner = maml(model, inner_lr=0.01, loss="mse")
         >>> meta_params = learner.init(params)
+        >>> learner.name, learner.second_order, sorted(meta_params) == sorted(params)
+        ('maml', True, True)
     """
 
     name: str
@@ -73,7 +84,17 @@ _LOSSES: dict[str, LossFn] = {"mse": _mse, "cross_entropy": _cross_entropy}
 
 
 def resolve_loss(loss: LossSpec, caller: str) -> tuple[LossFn, bool]:
-    """``(loss_fn, is_classification)`` for ``"mse"``, ``"cross_entropy"`` or a callable ``loss(pred, target)``."""
+    """``(loss_fn, is_classification)`` for ``"mse"``, ``"cross_entropy"`` or a callable ``loss(pred, target)``.
+
+    Example:
+        >>> loss_fn, classification = resolve_loss("cross_entropy", "my_learner")
+        >>> classification, float(loss_fn(torch.zeros(2, 3), torch.tensor([0, 2]))) == float(torch.log(torch.tensor(3.0)))
+        (True, True)
+        >>> resolve_loss("l2", "my_learner")
+        Traceback (most recent call last):
+        ...
+        ValueError: my_learner: loss must be 'cross_entropy', 'mse' or a callable (got 'l2')
+    """
     if isinstance(loss, str):
         if loss not in _LOSSES:
             raise ValueError(f"{caller}: loss must be 'cross_entropy', 'mse' or a callable (got {loss!r})")
@@ -84,6 +105,14 @@ def resolve_loss(loss: LossSpec, caller: str) -> tuple[LossFn, bool]:
 
 
 def check_model(model: object, caller: str) -> None:
+    """Refuse a model that is not a pure ``model(params, x)`` (an ``nn.Module`` gets the ``functionalize`` fix).
+
+    Example:
+        >>> check_model(torch.nn.Linear(2, 1), "my_learner")
+        Traceback (most recent call last):
+        ...
+        TypeError: my_learner: model must be a pure function model(params, x), not an nn.Module; use model, params = metafunc.functionalize(module)
+    """
     if isinstance(model, nn.Module):
         raise TypeError(
             f"{caller}: model must be a pure function model(params, x), not an nn.Module; "
@@ -94,10 +123,50 @@ def check_model(model: object, caller: str) -> None:
 
 
 def task_metrics(prediction: Tensor, target: Tensor, loss: Tensor, classification: bool) -> Metrics:
+    """The metrics of one task: the detached ``loss``, and the ``accuracy`` of ``prediction`` for a classifier.
+
+    Example:
+        >>> task_metrics(torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 0]), torch.tensor(0.5), True)
+        {'loss': tensor(0.5000), 'accuracy': tensor(0.5000)}
+    """
     metrics = {"loss": loss.detach()}
     if classification:
         metrics["accuracy"] = (prediction.detach().argmax(-1) == target).to(prediction.dtype).mean()
     return metrics
+
+
+def _check_module(caller: str, model: ModelFn, *, vmapped: bool, second_order: bool) -> None:
+    """Refuse torch BatchNorm layers that track running statistics, and torch norm layers under vmap at second order."""
+    module = getattr(model, "module", None)
+    if isinstance(module, nn.Module):
+        tracking = [f"{name or '<root>'} ({type(m).__name__})" for name, m in module.named_modules()
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.training]
+        if tracking:
+            raise ValueError(
+                f"{caller}: the model has torch BatchNorm layers {tracking} in training mode that update running "
+                "statistics in place, which torch.func transforms cannot do; convert them with "
+                "metafunc.convert_norm_layers(module) before functionalize (or build them with "
+                "track_running_stats=False)"
+            )
+    torch_norms = getattr(model, "torch_norm_layers", [])
+    if vmapped and second_order and torch_norms:
+        raise ValueError(
+            f"{caller}: the model has torch norm layers {torch_norms} whose second-order gradients are wrong "
+            f"under vmap on torch {torch.__version__.split('+')[0]}; convert them with "
+            "metafunc.convert_norm_layers(module) before functionalize (or use first_order=True, or "
+            "meta_batch(..., mode='loop'))"
+        )
+
+
+def _check_regression_targets(caller: str, tasks: Task) -> None:
+    """``loss="mse"`` needs floating-point targets: integer labels are class labels, for cross-entropy."""
+    for name in ("support_y", "query_y"):
+        y = getattr(tasks, name)
+        if not y.is_floating_point():
+            raise TypeError(
+                f"{caller}: loss='mse' needs floating-point targets but task.{name} holds {y.dtype} (class labels?); "
+                f"use loss='cross_entropy' for class labels, or pass float targets (task.{name}.float())"
+            )
 
 
 def learner_checks(
@@ -107,55 +176,56 @@ def learner_checks(
     classification: bool,
     second_order: bool,
     model_params: Callable[[Params], Params] = lambda p: p,
+    loss_fn: LossFn | None = None,
 ) -> Validator:
     """The eager ``validate(params, tasks, vmapped, batched)`` of a model-based learner, which
     :func:`metafunc.meta_batch` and the meta-steps run before any transform.
 
-    It checks parameter names, label ranges (the model's number of outputs is measured once per input shape), and
-    refuses torch norm layers under vmap at second order, whose gradients torch 2.13 computes wrongly.
+    It checks the parameter names (none missing, and none the model does not take once ``model_params`` has taken
+    out the meta-parameters), the task shapes, that floating-point tasks have the parameters' dtype, that
+    ``loss="mse"`` (``loss_fn``) gets float targets, that the model takes the tasks' inputs (a probe on two examples,
+    once per input shape, whose failure names the expected shape), the label range of a classifier, and refuses
+    torch norm layers under vmap at second order, whose gradients torch 2.13 computes wrongly.
+
+    Example:
+        >>> from metafunc import Task, functionalize
+        >>> model, params = functionalize(torch.nn.Linear(4, 3))
+        >>> validate = learner_checks(caller="my_learner", model=model, classification=True, second_order=True)
+        >>> tasks = Task(torch.randn(2, 5, 4), torch.randint(0, 3, (2, 5)), torch.randn(2, 5, 4), torch.randint(0, 3, (2, 5)))
+        >>> validate(params, tasks)
+        >>> validate(params, tasks._replace(query_y=tasks.query_y + 3))
+        Traceback (most recent call last):
+        ...
+        ValueError: my_learner: task.query_y has labels in [3, ...] but the model has 3 outputs; labels must be in [0, 2] (relabel each task 0..ways-1)
     """
     out_features: dict[tuple, int] = {}
 
     def validate(params: Params, tasks: Task, vmapped: bool = True, batched: bool = True) -> None:
         check_params(params, model, caller=caller)
         tasks = check_task(tasks, caller=caller, batched=batched)
-        module = getattr(model, "module", None)
-        if isinstance(module, nn.Module):
-            tracking = [f"{name or '<root>'} ({type(m).__name__})" for name, m in module.named_modules()
-                        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.training]
-            if tracking:
+        weights = model_params(params)
+        check_params(weights, model, caller=caller, exact=True)
+        check_task_dtypes(weights, tasks, caller=caller)
+        _check_module(caller, model, vmapped=vmapped, second_order=second_order)
+        if loss_fn is _mse:
+            _check_regression_targets(caller, tasks)
+        x = tasks.support_x[0] if batched else tasks.support_x
+        key = (tuple(x.shape[1:]), x.dtype, x.device)
+        if key not in out_features:
+            out = check_model_input(model, weights, x[:2], caller=caller)
+            if classification and out.dim() != 2:
                 raise ValueError(
-                    f"{caller}: the model has torch BatchNorm layers {tracking} in training mode that update running "
-                    "statistics in place, which torch.func transforms cannot do; convert them with "
-                    "metafunc.convert_norm_layers(module) before functionalize (or build them with "
-                    "track_running_stats=False)"
+                    f"{caller}: loss='cross_entropy' needs model outputs of shape (examples, classes) "
+                    f"(got {tuple(out.shape)})"
                 )
-        torch_norms = getattr(model, "torch_norm_layers", [])
-        if vmapped and second_order and torch_norms:
-            raise ValueError(
-                f"{caller}: the model has torch norm layers {torch_norms} whose second-order gradients are wrong "
-                f"under vmap on torch {torch.__version__.split('+')[0]}; convert them with "
-                "metafunc.convert_norm_layers(module) before functionalize (or use first_order=True, or "
-                "meta_batch(..., mode='loop'))"
-            )
+            out_features[key] = int(out.shape[-1]) if out.dim() else 0
         if classification:
-            x = tasks.query_x[0] if batched else tasks.query_x
-            key = (tuple(x.shape[1:]), x.dtype, x.device)
-            if key not in out_features:
-                with torch.no_grad():
-                    out = model(model_params(params), x[:2])
-                if out.dim() != 2:
-                    raise ValueError(
-                        f"{caller}: loss='cross_entropy' needs model outputs of shape (examples, classes) "
-                        f"(got {tuple(out.shape)})"
-                    )
-                out_features[key] = int(out.shape[-1])
             check_labels(caller, tasks, out_features[key])
 
     return validate
 
 
-def build_learner(
+def make_learner(
     *,
     name: str,
     model: ModelFn,
@@ -173,7 +243,19 @@ def build_learner(
     ``split(meta_params) -> (model_params, adapt_kwargs)`` separates the model's weights from meta-parameters that
     the inner loop takes as keyword arguments (Meta-SGD's learning rates). ``outer_objective(model_params,
     task_params, query_loss)`` replaces the query loss as the differentiated objective (Reptile); metrics always
-    report the query loss.
+    report the query loss. The learner's checks are :func:`learner_checks` of ``model`` and ``loss_fn``.
+
+    Example:
+        >>> from metafunc import functionalize, inner_loop, meta_value_and_grad, sinusoid_tasks
+        >>> model, params = functionalize(torch.nn.Linear(1, 1))
+        >>> loss_fn, classification = resolve_loss("mse", "halved_maml")
+        >>> adapt = inner_loop(lambda p, x, y: loss_fn(model(p, x), y) / 2, steps=1, lr=0.1)
+        >>> learner = make_learner(name="halved_maml", model=model, adapt=adapt, loss_fn=loss_fn,
+        ...                        classification=classification, second_order=True)
+        >>> tasks = sinusoid_tasks(3, shots=5, generator=torch.Generator().manual_seed(0))
+        >>> loss, metrics, grads = meta_value_and_grad(learner)(params, tasks)
+        >>> sorted(grads), sorted(metrics)
+        (['bias', 'weight'], ['loss', 'support_loss'])
     """
 
     def adapt_task(params: Params, x: Tensor, y: Tensor, *, steps: int | None = None) -> tuple[Params, Tensor]:
@@ -205,7 +287,7 @@ def build_learner(
         return loss.detach(), metrics
 
     validate = learner_checks(caller=name, model=model, classification=classification, second_order=second_order,
-                              model_params=lambda p: split(p)[0])
+                              model_params=lambda p: split(p)[0], loss_fn=loss_fn)
     safe = functools.partial(thread_safe, model)
     return MetaLearner(name=name, init=init, adapt=adapt_task,
                        meta_loss=TaskFunction(meta_loss, validate=validate, thread_safe=safe, name=f"{name}_meta_loss"),
