@@ -234,3 +234,20 @@ def test_progress_on_a_terminal_rewrites_one_line():
     assert unknown.getvalue() == "y.zip: 0.0 MB\n"  # no size known: a line when it starts, and one at the end
     progress.close()
     assert unknown.getvalue() == "y.zip: 0.0 MB\ny.zip: 1.5 MB\n"
+
+
+def test_metafunc_train_download_fetches_the_zips_into_an_empty_data_root(official: Path, tmp_path: Path,
+                                                                          monkeypatch, capsys):
+    from metafunc.cli import main
+    from metafunc.data import omniglot
+
+    root = tmp_path / "fresh" / "omniglot"           # does not exist yet: --download makes it
+    argv = ["train", "--dataset", "omniglot", "--data-root", str(root), "--algorithm", "protonet", "--iterations", "1",
+            "--meta-batch", "1", "--width", "8", "--val-episodes", "2", "--no-progress", "--out", str(tmp_path / "run")]
+    assert main(argv) == 2                                              # without --download: a clear error
+    assert "does not exist" in capsys.readouterr().err
+    with serve(official) as (url, requests):
+        monkeypatch.setattr(omniglot, "OMNIGLOT_URL", url)
+        assert main([*argv, "--download"]) == 0, capsys.readouterr().err
+    assert sorted(requests) == [f"/{name}.zip" for name in sorted(SMALL)]
+    assert {p.name: md5(p) for p in root.glob("*.zip")} == {f"{n}.zip": md5(official / f"{n}.zip") for n in SMALL}

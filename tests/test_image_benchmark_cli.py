@@ -4,6 +4,7 @@ them), with the papers' defaults, and augments metric learners' training episode
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 
@@ -11,10 +12,9 @@ import pytest
 import torch
 from test_image_benchmarks import mini_csv_root, write_tarball, write_tiered
 
-import metafunc.data as data
 from metafunc.cli import main
 from metafunc.data import AugmentedSource, random_crop_flip
-from metafunc.train import TrainConfig, build_experiment, resolve_config
+from metafunc.train import DATASETS, TrainConfig, build_experiment, resolve_config
 
 SMALL = ["--iterations", "1", "--meta-batch", "1", "--queries", "1", "--val-every", "0", "--val-episodes", "2",
          "--no-progress"]
@@ -46,8 +46,10 @@ def test_mini_imagenet_trains_and_evaluates_from_the_cli(algorithm, backbone, tm
 
 def test_cifar_fs_and_fc100_train_from_the_cli(tmp_path, monkeypatch, capsys):
     write_tarball(tmp_path / "cifar" / "cifar-100-python.tar.gz")
-    for name in ("cifar_fs_samplers", "fc100_samplers"):     # the made-up tarball has not the official md5
-        monkeypatch.setattr(data, name, functools.partial(getattr(data, name), check_md5=False))
+    for name in ("cifar_fs", "fc100"):     # the made-up tarball has not the official md5
+        spec = DATASETS[name]
+        monkeypatch.setitem(DATASETS, name, dataclasses.replace(spec, factory=functools.partial(spec.factory,
+                                                                                                check_md5=False)))
     for dataset in ("cifar_fs", "fc100"):
         out = tmp_path / dataset
         assert main(["train", "--dataset", dataset, "--data-root", str(tmp_path / "cifar"), "--algorithm", "protonet",

@@ -23,11 +23,13 @@ from torch import nn
 from metafunc._shared import save_atomic, strict_json
 from metafunc.core.functional import functionalize
 from metafunc.registry import LEARNERS
-from metafunc.step import apply_grads, meta_value_and_grad
+from metafunc.step import meta_value_and_grad
 from metafunc.text.clinc import DEFAULT_TEST_DOMAINS, clinc_samplers
 from metafunc.text.minilm import MiniLM, MiniLMTop, SentenceEncoder, embed_texts, load_minilm, lower_states, tokenize
+from metafunc.train.callbacks import ProgressBar
 from metafunc.train.checkpoint import save_checkpoint
 from metafunc.train.evaluation import evaluate_episodes
+from metafunc.train.fit import FitState, fit
 
 __all__ = ["main", "ALGORITHMS", "cached_encoder"]
 
@@ -156,7 +158,7 @@ def _learner(args: argparse.Namespace, model: Any):
                       **{k: v for k, v in options.items() if spec.accepts(k)})
 
 
-def _plot(records: list[dict[str, float]], path: Path, title: str) -> None:
+def _plot(records: list[dict[str, Any]], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -185,8 +187,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     Example:
         >>> main(["--algorithm", "protonet_frozen", "--shots", "1", "--episodes", "20"])  # doctest: +SKIP
     """
-    from tqdm.auto import tqdm
-
     args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -202,7 +202,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     elif args.algorithm == "protonet_frozen":
         module = minilm if args.features == "tokens" else nn.Identity()
     else:
-        module = SentenceEncoder(minilm if args.features == "tokens" else None, hidden=args.hidden,
+        width = int(minilm.embeddings.word_embeddings.embedding_dim)  # type: ignore[union-attr,arg-type]
+        module = SentenceEncoder(minilm if args.features == "tokens" else None, in_features=width, hidden=args.hidden,
                                  out_features=args.out_features)
     model, params = functionalize(module)
     learner = _learner(args, model)
@@ -210,19 +211,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                  or k.startswith(tuple(args.train_prefix))]
     for k, v in params.items():
         v.requires_grad_(k in trainable)
-    records: list[dict[str, float]] = []
+    records: list[dict[str, Any]] = []
     start = time.time()
     if args.algorithm != "protonet_frozen":
-        opt = torch.optim.Adam([params[k] for k in trainable], lr=args.outer_lr)
-        generator = torch.Generator().manual_seed(args.seed)
-        step_fn = meta_value_and_grad(learner, mode=args.mode)
-        bar = tqdm(range(args.iterations), desc=f"{args.algorithm} {args.ways}w{args.shots}s")
-        for it in bar:
-            loss, metrics, grads = step_fn(params, samplers["train"].sample(args.meta_batch, generator))
-            apply_grads(params, grads)
-            opt.step()
-            records.append({"iteration": it, "loss": float(loss), "accuracy": float(metrics["accuracy"])})
-            bar.set_postfix(loss=f"{float(loss):.3f}", acc=f"{float(metrics['accuracy']):.3f}")
+        state = FitState(params=params, optimizer=torch.optim.Adam([params[k] for k in trainable], lr=args.outer_lr),
+                         generator=torch.Generator().manual_seed(args.seed), iterations=args.iterations)
+        bar = ProgressBar(total=args.iterations, initial=0, desc=f"{args.algorithm} {args.ways}w{args.shots}s",
+                          metric="accuracy")
+        fit(meta_value_and_grad(learner, mode=args.mode), samplers["train"], state, meta_batch=args.meta_batch,
+            callbacks=[bar])
+        records = state.records
         _plot(records, out / "learning_curve.png", f"{args.algorithm} on CLINC150 ({args.ways}-way {args.shots}-shot)")
         save_checkpoint(out / "checkpoint.pt", {"params": {k: v.detach() for k, v in params.items()},
                                                 "args": vars(args)})

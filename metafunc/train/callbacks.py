@@ -217,7 +217,8 @@ class Checkpointer:
     def after_step(self, state: FitState) -> None:
         if state.failing:
             good = state.iteration - 1   # the failed step was not applied: the state is that of iteration ``good``
-            if good > 0 and (state.checkpoint is None or good > state.checkpoint[1]):
+            if good > 0 and state.before_step is not None and (state.checkpoint is None
+                                                                or good > state.checkpoint[1]):
                 after_good = state.generator.get_state()
                 state.generator.set_state(state.before_step)
                 self._write(state, good)

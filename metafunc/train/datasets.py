@@ -75,7 +75,7 @@ class DatasetSpec:
         params = inspect.signature(self.factory).parameters
         return option in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
-    def build(self, **settings: Any) -> dict[str, Any]:
+    def build(self, **settings: Any) -> Mapping[str, Any]:
         """``factory(**settings it declares)`` as a mapping split -> source (one source serves every split).
 
         Example:

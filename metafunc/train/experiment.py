@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, NamedTuple, cast
+from collections.abc import Iterator, Mapping
+from typing import Any, Callable, NamedTuple, cast
 
 import torch
 from torch import nn
@@ -49,13 +50,13 @@ class Experiment(NamedTuple):
     model: ModelFn
     params: Params
     learner: MetaLearner
-    sources: dict[str, TaskSource]
+    sources: Mapping[str, TaskSource]
     classification: bool
     batch_norm: bool = False
     """Whether the network has BatchNorm layers (evaluation then states its BatchNorm protocol)."""
 
 
-def build_sources(cfg: ResolvedConfig) -> dict[str, TaskSource]:
+def build_sources(cfg: ResolvedConfig) -> Mapping[str, TaskSource]:
     """The run's task sources by split, from the dataset registry (or the user's ``module:factory``), with the
     training split augmented when ``cfg.augment``.
 
@@ -70,11 +71,33 @@ def build_sources(cfg: ResolvedConfig) -> dict[str, TaskSource]:
     if cfg.val_ways is not None and not spec.accepts("val_ways"):
         raise ValueError(f"train: --val-ways is not taken by dataset {cfg.dataset} (its factory has no val_ways "
                          "option); leave it out")
-    sources = dict(spec.build(**{k: v for k, v in settings.items() if k != "root" or root is not None}))
+    sources = spec.build(**{k: v for k, v in settings.items() if k != "root" or root is not None})
     if cfg.augment:
         from metafunc.data import AugmentedSource
-        sources["train"] = AugmentedSource(sources["train"], padding=4 if (spec.image_size or 28) <= 32 else 8)
+        padding = 4 if (spec.image_size or 28) <= 32 else 8
+        return _TrainWrapped(sources, lambda source: AugmentedSource(source, padding=padding))
     return sources
+
+
+class _TrainWrapped(Mapping[str, TaskSource]):
+    """``sources`` with ``wrap`` applied to the ``"train"`` source, every split still built only when first read."""
+
+    def __init__(self, sources: Mapping[str, TaskSource], wrap: Callable[[TaskSource], TaskSource]) -> None:
+        self._sources, self._wrap = sources, wrap
+        self._train: TaskSource | None = None
+
+    def __getitem__(self, split: str) -> TaskSource:
+        if split != "train":
+            return self._sources[split]
+        if self._train is None:
+            self._train = self._wrap(self._sources["train"])
+        return self._train
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._sources)
+
+    def __len__(self) -> int:
+        return len(self._sources)
 
 
 def _example_shape(source: TaskSource) -> tuple[int, ...]:

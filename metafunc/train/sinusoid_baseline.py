@@ -11,15 +11,18 @@ import torch
 
 from metafunc.algorithms import maml
 from metafunc.core.functional import functionalize
-from metafunc.core.types import Params
+from metafunc.core.types import ModelFn, Params, Task
 from metafunc.data.sinusoid import SinusoidSource, SinusoidTasks, sinusoid_tasks
 from metafunc.nn import models
+from metafunc.step import MetaStep
+from metafunc.train.callbacks import ProgressBar
 from metafunc.train.config import TrainConfig, resolve_config
 from metafunc.train.evaluation import EvalResult, evaluate_episodes
+from metafunc.train.fit import FitState, fit
 from metafunc.train.loop import TrainResult
 from metafunc.train.plots import save_figure
 
-__all__ = ["SINUSOID_EVAL_STEPS", "SinusoidComparison", "pretrain_baseline", "sinusoid_comparison",
+__all__ = ["SINUSOID_EVAL_STEPS", "SinusoidComparison", "pretrain_baseline", "joint_regression_step", "sinusoid_comparison",
            "plot_sinusoid_adaptation"]
 
 SINUSOID_EVAL_STEPS = (0, 1, 10)
@@ -82,28 +85,32 @@ def pretrain_baseline(config: TrainConfig, *, progress: bool = True) -> Params:
         torch.manual_seed(cfg.seed)
         module = models.mlp().to(cfg.device)
     model, params = functionalize(module)
-    optimizer = torch.optim.Adam(params.values(), lr=cfg.outer_lr)
-    generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed + 7)
-    source = SinusoidSource(cfg.shots, cfg.queries)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=cfg.iterations, desc="pretrained baseline", dynamic_ncols=True)
-    for it in range(cfg.iterations):
-        t = source.sample(cfg.meta_batch, generator)
-        x = torch.cat([t.support_x, t.query_x], 1).reshape(-1, 1)
-        y = torch.cat([t.support_y, t.query_y], 1).reshape(-1, 1)
-        optimizer.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.mse_loss(model(params, x), y)
-        loss.backward()
-        optimizer.step()
-        if bar is not None:
-            if it % 50 == 0:
-                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+    state = FitState(params=params, optimizer=torch.optim.Adam(params.values(), lr=cfg.outer_lr),
+                     generator=torch.Generator(device=cfg.device).manual_seed(cfg.seed + 7), iterations=cfg.iterations)
+    callbacks = [ProgressBar(total=cfg.iterations, initial=0, desc="pretrained baseline", metric="mse")] if progress else []
+    fit(joint_regression_step(model), SinusoidSource(cfg.shots, cfg.queries), state, meta_batch=cfg.meta_batch,
+        callbacks=callbacks)
     return {k: v.detach() for k, v in params.items()}
+
+
+def joint_regression_step(model: ModelFn) -> MetaStep:
+    """The baseline's step in the meta-step contract: MSE on every support and query point of the meta-batch at
+    once, no adaptation (``(loss, {}, grads)``), so that :func:`metafunc.train.fit` trains it like any learner.
+
+    Example:
+        >>> from metafunc import functionalize, models, sinusoid_tasks
+        >>> model, params = functionalize(models.mlp())
+        >>> loss, metrics, grads = joint_regression_step(model)(params, sinusoid_tasks(2, shots=5))
+        >>> sorted(grads) == sorted(params), metrics
+        (True, {})
+    """
+    def step(params: Params, tasks: Task) -> tuple[torch.Tensor, dict[str, torch.Tensor], Params]:
+        x = torch.cat([tasks.support_x, tasks.query_x], 1).reshape(-1, 1)
+        y = torch.cat([tasks.support_y, tasks.query_y], 1).reshape(-1, 1)
+        loss = torch.nn.functional.mse_loss(model(params, x), y)
+        grads = torch.autograd.grad(loss, list(params.values()))
+        return loss.detach(), {}, dict(zip(params, grads))
+    return step
 
 
 def sinusoid_comparison(result: TrainResult, baseline_params: Params, *, episodes: int = 600,

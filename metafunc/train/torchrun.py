@@ -43,7 +43,8 @@ def join_torchrun(cfg: ResolvedConfig, *, backend: str = "auto", timeout: float 
     if cfg.meta_batch < world_size:  # checked before the rendezvous, so every rank says it at once
         raise ValueError(f"metafunc train: --meta-batch {cfg.meta_batch} is smaller than the {world_size} processes; "
                          "every process needs at least one task")
-    info = distributed.init_distributed(backend=backend, timeout=timeout, device=cfg.device.split(":")[0])
+    info = distributed.init_distributed(backend=backend, timeout=timeout,  # type: ignore[arg-type]
+                                        device=cfg.device.split(":")[0])
     if info.device.type == "cuda":
         cfg = resolve_config(dataclasses.replace(cfg, device=str(info.device)))  # rank i: cuda:LOCAL_RANK
     kwargs: dict[str, Any] = dict(wrap_step=distributed.sharded, train_source=lambda src: distributed.ShardedSource(
