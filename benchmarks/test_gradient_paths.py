@@ -14,7 +14,7 @@ import dataclasses
 import pytest
 import torch
 
-from metafunc import GRADIENT_PATHS, gradient_path
+from metafunc import learner_for_path, path_names
 from metafunc.bench import BenchConfig, bench_problem
 from metafunc.core.batching import meta_batch
 
@@ -26,7 +26,7 @@ STEPS = (1, 5, 20)
 
 def _meta_step(path: str, steps: int, dtype: str = "float32"):
     model, params, tasks = bench_problem(dataclasses.replace(CONFIG, dtype=dtype))
-    learner = gradient_path(path, model, inner_lr=CONFIG.inner_lr, steps=steps, loss="cross_entropy")
+    learner = learner_for_path(path).build(model, inner_lr=CONFIG.inner_lr, steps=steps, loss="cross_entropy")
     step = meta_batch(learner.meta_loss)
 
     def run() -> dict[str, torch.Tensor]:
@@ -46,7 +46,7 @@ def _cosine(a: dict, b: dict) -> float:
 
 
 @pytest.mark.parametrize("steps", STEPS, ids=lambda k: f"k{k}")
-@pytest.mark.parametrize("path", list(GRADIENT_PATHS))
+@pytest.mark.parametrize("path", path_names())
 def test_meta_step(benchmark, path, steps):
     torch.manual_seed(0)
     # What it computes is checked in float64 (float32 rounding, amplified through 20 inner steps, moved the

@@ -30,6 +30,7 @@ from metafunc.algorithms import (
     fomaml,
     make_learner,
     maml,
+    maml_plus_plus,
     matching_net,
     meta_sgd,
     proto_maml,
@@ -52,14 +53,7 @@ from metafunc.nn import models
 from metafunc.nn.norm import BatchNorm, GroupNorm, LayerNorm, convert_norm_layers, find_torch_norm_layers
 from metafunc.nn.resnet import resnet18
 from metafunc.nn.resnet12 import resnet12
-from metafunc.registry import (
-    GRADIENT_PATHS,
-    LEARNERS,
-    LearnerSpec,
-    build_learner_by_name,
-    gradient_path,
-    register_learner,
-)
+from metafunc.registry import LEARNERS, LearnerSpec, learner_for_path, path_names, register_learner
 from metafunc.step import MetaStep, apply_grads, compiled_meta_step, meta_value_and_grad
 
 __version__ = "0.1.0"
@@ -76,13 +70,14 @@ __all__ = [
     "BatchNorm", "LayerNorm", "GroupNorm", "convert_norm_layers", "find_torch_norm_layers",
     # algorithms
     "MetaLearner", "maml", "fomaml", "anil", "boil", "meta_sgd", "reptile", "with_steps", "META_SGD_LR_PREFIX",
+    "maml_plus_plus",
     "protonet", "matching_net", "proto_maml", "fo_proto_maml", "prototypes", "prototype_head",
     # writing a learner (metafunc.algorithms.base)
     "make_learner", "check_model", "resolve_loss", "LossSpec",
     # gradient paths for long inner loops
-    "gradients", "GRADIENT_PATHS", "gradient_path", "checkpointed_maml", "imaml", "one_step", "conjugate_gradient",
+    "gradients", "learner_for_path", "path_names", "checkpointed_maml", "imaml", "one_step", "conjugate_gradient",
     # the registry
-    "registry", "LEARNERS", "LearnerSpec", "register_learner", "build_learner_by_name",
+    "registry", "LEARNERS", "LearnerSpec", "register_learner",
     # tasks and models
     "sinusoid_tasks", "SinusoidTasks", "models", "resnet18", "resnet12", "tree",
 ]

@@ -4,14 +4,17 @@ Each :class:`LearnerSpec` holds a factory ``factory(model, **options) -> MetaLea
 about it, declared once: whether the model ends in an output layer (``needs_head``) or is an encoder (metric
 learners), and which gradient path it implements (``path``: the names of ``metafunc bench --paths``). The options
 (``inner_lr``, ``steps``, ``lam``, ``checkpoints``, ...) are not listed anywhere: :attr:`LearnerSpec.options` reads
-them from the factory's signature, so the CLI's flags, ``gradient_path`` and the test contract cases follow the
+them from the factory's signature, so the CLI's flags, ``metafunc bench --paths`` and the test contract cases follow the
 factories by construction. ``metafunc train --algorithm``, ``metafunc bench --paths``, the text experiment and the
 contract suite all read :data:`LEARNERS`.
 
 Adding a learner is one module plus one :func:`register_learner` call (see CONTRIBUTING.md)::
 
     register_learner("my_maml", my_maml)                 # my_maml(model, *, inner_lr, steps, loss, my_option=...)
-    build_learner_by_name("my_maml", model, inner_lr=0.4, my_option=3)
+    LEARNERS["my_maml"].build(model, inner_lr=0.4, my_option=3)
+
+One way builds a learner from the registry, :meth:`LearnerSpec.build`; a gradient path's learner is found by
+:func:`learner_for_path` (``learner_for_path("checkpointed").build(model, inner_lr=0.1, steps=100)``).
 
 This module imports only the learners; it knows nothing of the trainer's configuration.
 """
@@ -21,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import typing
-from collections.abc import Iterator, Mapping
 from typing import Any, Callable
 
 from metafunc.algorithms import (
@@ -31,6 +33,7 @@ from metafunc.algorithms import (
     fo_proto_maml,
     fomaml,
     maml,
+    maml_plus_plus,
     matching_net,
     meta_sgd,
     proto_maml,
@@ -42,8 +45,8 @@ from metafunc.gradients.checkpointed import checkpointed_maml
 from metafunc.gradients.implicit import imaml
 from metafunc.gradients.one_step import one_step
 
-__all__ = ["LearnerSpec", "LearnerOption", "LEARNERS", "register_learner", "build_learner_by_name", "path_names",
-           "learner_for_path", "gradient_path", "GRADIENT_PATHS", "COMMON_OPTIONS"]
+__all__ = ["LearnerSpec", "LearnerOption", "LEARNERS", "register_learner", "path_names", "learner_for_path",
+           "COMMON_OPTIONS"]
 
 COMMON_OPTIONS = ("inner_lr", "steps", "loss", "ways")
 """Options every trainer sets from its own settings (``--inner-lr``, ``--inner-steps``, the dataset's loss,
@@ -182,23 +185,6 @@ def register_learner(name: str, factory: Callable[..., MetaLearner], *, needs_he
     return spec
 
 
-def build_learner_by_name(name: str, model: ModelFn, **options: Any) -> MetaLearner:
-    """The learner registered as ``name`` (or implementing gradient path ``name``) over ``model``.
-
-    Example:
-        >>> from metafunc import functionalize, models
-        >>> model, params = functionalize(models.mlp())
-        >>> build_learner_by_name("imaml", model, inner_lr=0.1, steps=3, loss="mse", lam=2.0).name
-        'imaml'
-    """
-    if name in LEARNERS:
-        return LEARNERS[name].build(model, **options)
-    if name in path_names():
-        return learner_for_path(name).build(model, **options)
-    raise ValueError(f"unknown learner {name!r}; choose one of {', '.join(sorted(LEARNERS))} "
-                     f"(or a gradient path: {', '.join(path_names())})")
-
-
 def path_names() -> list[str]:
     """The gradient paths of the registered learners, in registration order.
 
@@ -229,6 +215,7 @@ for _name, _factory, _head, _path, _text in (
     ("boil", boil, True, None, "BOIL: only the body adapts (Oh et al. 2021)"),
     ("meta_sgd", meta_sgd, True, None, "Meta-SGD: learned per-parameter inner learning rates (Li et al. 2017)"),
     ("reptile", reptile, True, None, "Reptile (Nichol et al. 2018)"),
+    ("maml_plus_plus", maml_plus_plus, True, None, "MAML++: MSL, per-step BN, LSLR, DA (Antoniou et al. 2019)"),
     ("checkpointed_maml", checkpointed_maml, True, "checkpointed",
      "exact MAML for long inner loops in O(sqrt(k)) memory (gradient checkpointing)"),
     ("one_step", one_step, True, "one_step", "one-step (lazy) approximation of a long inner loop (Jamal et al. 2021)"),
@@ -239,51 +226,3 @@ for _name, _factory, _head, _path, _text in (
     ("fo_proto_maml", fo_proto_maml, False, None, "first-order ProtoMAML, optional two-pass gradient"),
 ):
     register_learner(_name, _factory, needs_head=_head, path=_path, description=_text)
-
-
-class _GradientPaths(Mapping[str, Callable[..., MetaLearner]]):
-    """Path name -> factory, a live read-only view of the registry (``GRADIENT_PATHS["checkpointed"]``)."""
-
-    def _current(self) -> dict[str, Callable[..., MetaLearner]]:
-        return {s.path: s.factory for s in LEARNERS.values() if s.path is not None}
-
-    def __getitem__(self, key: str) -> Callable[..., MetaLearner]:
-        return self._current()[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._current())
-
-    def __len__(self) -> int:
-        return len(self._current())
-
-    def __repr__(self) -> str:
-        return f"GRADIENT_PATHS({self._current()!r})"
-
-
-GRADIENT_PATHS: Mapping[str, Callable[..., MetaLearner]] = _GradientPaths()
-"""Gradient path name -> factory ``factory(model, *, inner_lr, steps, loss, **options) -> MetaLearner``, read from
-:data:`LEARNERS` (``metafunc bench --paths`` takes these names)."""
-
-
-def gradient_path(name: str, model: ModelFn, *, inner_lr: float, steps: int, loss: Any = "cross_entropy",
-                  **options: Any) -> MetaLearner:
-    """Build the learner of gradient path ``name`` (``"exact"``, ``"first_order"``, ``"checkpointed"``,
-    ``"one_step"``, ``"implicit"``); ``options`` are the factory's own (``LEARNERS[...].options``).
-
-    Example:
-        >>> import torch
-        >>> from metafunc import functionalize, meta_batch, models, sinusoid_tasks
-        >>> model, params = functionalize(models.mlp())
-        >>> learner = gradient_path("checkpointed", model, inner_lr=0.01, steps=50, loss="mse", checkpoints=7)
-        >>> tasks = sinusoid_tasks(4, shots=10, generator=torch.Generator().manual_seed(0))
-        >>> loss, _ = meta_batch(learner)(params, tasks)
-        >>> loss.backward()
-    """
-    if not isinstance(name, str) or name not in path_names():
-        raise ValueError(f"gradient_path: unknown path {name!r}; choose one of {', '.join(map(repr, path_names()))}")
-    spec = learner_for_path(name)
-    unknown = sorted(set(options) - {o.name for o in spec.options})
-    if unknown:
-        allowed = ", ".join(o.name for o in spec.options) or "none"
-        raise TypeError(f"gradient_path: path {name!r} takes no option(s) {unknown}; its options are: {allowed}")
-    return spec.build(model, inner_lr=inner_lr, steps=steps, loss=loss, **options)

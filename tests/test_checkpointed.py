@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from metafunc import GRADIENT_PATHS, Task, functionalize, gradient_path, maml, meta_batch, models
+from metafunc import Task, functionalize, learner_for_path, maml, meta_batch, models, path_names
 from metafunc.core.tree import tree_norm, tree_relative_error, tree_scale
 from metafunc.gradients import checkpoint_positions, checkpointed_maml, default_checkpoints
 
@@ -155,17 +155,17 @@ def test_torch_norm_layers_refused_under_vmap():
 
 def test_registry_builds_every_path_and_rejects_unknown_names():
     model, params = functionalize(_net())
-    assert set(GRADIENT_PATHS) == {"exact", "first_order", "checkpointed", "one_step", "implicit"}
-    for name in GRADIENT_PATHS:
-        learner = gradient_path(name, model, inner_lr=0.1, steps=2)
+    assert set(path_names()) == {"exact", "first_order", "checkpointed", "one_step", "implicit"}
+    for name in path_names():
+        learner = learner_for_path(name).build(model, inner_lr=0.1, steps=2)
         loss, _ = meta_batch(learner.meta_loss)(params, _tasks())
         assert torch.isfinite(loss)
-    with pytest.raises(ValueError, match="gradient_path: unknown path 'exactly'; choose one of 'exact'"):
-        gradient_path("exactly", model, inner_lr=0.1, steps=2)
-    with pytest.raises(TypeError, match=r"gradient_path: path 'one_step' takes no option\(s\) \['checkpoints'\]"):
-        gradient_path("one_step", model, inner_lr=0.1, steps=2, checkpoints=2)
+    with pytest.raises(ValueError, match="unknown gradient path 'exactly'; choose one of 'exact'"):
+        learner_for_path("exactly")
+    with pytest.raises(TypeError, match=r"one_step: unknown option\(s\) \['checkpoints'\]"):
+        learner_for_path("one_step").build(model, inner_lr=0.1, steps=2, checkpoints=2)
     with pytest.raises(ValueError, match="checkpointed_maml: checkpoints must be between 1 and steps=2"):
-        gradient_path("checkpointed", model, inner_lr=0.1, steps=2, checkpoints=3)
+        learner_for_path("checkpointed").build(model, inner_lr=0.1, steps=2, checkpoints=3)
 
 
 def test_torch_func_grad_over_the_meta_batch(float64):

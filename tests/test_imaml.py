@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from metafunc import Task, functionalize, gradient_path, meta_batch, models
+from metafunc import Task, functionalize, learner_for_path, meta_batch, models
 from metafunc.core.tree import tree_relative_error
 from metafunc.gradients import conjugate_gradient, imaml, proximal_inner_loop
 
@@ -201,7 +201,7 @@ def test_implicit_gradient_approaches_unrolled_as_inner_problem_converges(float6
     n = sum(v.numel() for v in params.values())
     errors = []
     for steps in (5, 20, 80):
-        learner = gradient_path("implicit", model, inner_lr=0.2, steps=steps, lam=2.0, cg_iterations=n)
+        learner = learner_for_path("implicit").build(model, inner_lr=0.2, steps=steps, lam=2.0, cg_iterations=n)
         got, _, _ = _meta_gradient(learner, params, tasks, "vmap")
         unrolled = reference_unrolled_gradient(net, params, tasks, lr=0.2, lam=2.0, steps=steps)
         errors.append(tree_relative_error(got, unrolled))

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from metafunc import Task, fomaml, functionalize, gradient_path, maml, meta_batch, models, one_step
+from metafunc import Task, fomaml, functionalize, learner_for_path, maml, meta_batch, models, one_step
 from metafunc.core.tree import tree_relative_error
 
 LR = 0.3
@@ -69,7 +69,7 @@ def test_one_step_matches_its_formula(float64, steps, mode):
     model, params = functionalize(net)
     tasks = _tasks()
     reference = reference_one_step_gradient(net, params, tasks, lr=LR, steps=steps)
-    got, loss, metrics = _meta_gradient(gradient_path("one_step", model, inner_lr=LR, steps=steps), params, tasks, mode)
+    got, loss, metrics = _meta_gradient(learner_for_path("one_step").build(model, inner_lr=LR, steps=steps), params, tasks, mode)
     assert tree_relative_error(got, reference) < 1e-10
     # the loss is the query loss after the full k-step inner loop, as for MAML
     exact_loss, _ = meta_batch(maml(model, inner_lr=LR, steps=steps).meta_loss, mode="loop")(params, tasks)

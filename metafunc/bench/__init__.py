@@ -1,6 +1,6 @@
 """The benchmark engine behind ``metafunc bench``: time, memory and accuracy of every gradient path on a model.
 
-For each inner-loop length ``k`` and each gradient path of :data:`metafunc.GRADIENT_PATHS` one meta-step (the default
+For each inner-loop length ``k`` and each gradient path of :func:`metafunc.path_names` one meta-step (the default
 step :func:`metafunc.meta_value_and_grad`, as ``metafunc train`` takes it) is run ``repeats`` times after a warm-up.
 :func:`run_bench` returns one row per case with
 

@@ -2,7 +2,7 @@
 
 Every path is a factory returning a :class:`metafunc.MetaLearner`, so :func:`metafunc.meta_batch`, the meta-steps,
 the contract suite and the trainer use them unchanged. Each is registered in :mod:`metafunc.registry` under its
-learner name with the path it implements; :func:`metafunc.gradient_path` builds one by path name:
+learner name with the path it implements; ``metafunc.learner_for_path(path).build(model, ...)`` builds one by path name:
 
 ========================  =============================================================  ======================
 path (learner)            meta-gradient                                                  memory in ``steps``

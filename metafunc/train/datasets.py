@@ -127,7 +127,7 @@ def dataset_spec(name: str) -> DatasetSpec:
     """The registered dataset ``name``, or for ``module:factory`` a spec over the user's factory.
 
     Example:
-        >>> dataset_spec("sinusoid").defaults["meta_batch"], dataset_spec("metafunc.data:SinusoidSource").folder
+        >>> dataset_spec("sinusoid").defaults["meta_batch"], dataset_spec("metafunc.data.synthetic:GaussianClassification").folder
         (25, None)
     """
     if name in DATASETS:
@@ -143,8 +143,10 @@ def data_root(spec: DatasetSpec, root: str | None, *, download: bool = False) ->
     """The folder of a dataset's files: ``root``, else ``$METAFUNC_DATA/<folder>``; ``None`` for generated data.
 
     Example:
-        >>> data_root(DATASETS["omniglot"], "/data/omniglot")
-        PosixPath('/data/omniglot')
+        >>> import tempfile
+        >>> folder = tempfile.mkdtemp()
+        >>> data_root(DATASETS["omniglot"], folder) == Path(folder), data_root(DATASETS["synthetic"], None)
+        (True, None)
     """
     if spec.folder is None:
         return None

@@ -29,7 +29,14 @@ __all__ = ["fit", "FitState", "Callback", "TaskSource", "NonFiniteError", "Preem
 
 
 class TaskSource(Protocol):
-    """Anything that draws meta-batches: ``sample(meta_batch, generator) -> Task`` with a leading task dimension."""
+    """Anything that draws meta-batches: ``sample(meta_batch, generator) -> Task`` with a leading task dimension.
+
+    Example:
+        >>> from metafunc.data.sinusoid import SinusoidSource
+        >>> source: TaskSource = SinusoidSource(shots=5, queries=5)
+        >>> source.sample(3, torch.Generator().manual_seed(0)).support_x.shape
+        torch.Size([3, 5, 1])
+    """
 
     def sample(self, meta_batch: int, generator: torch.Generator) -> Task: ...
 
@@ -106,7 +113,16 @@ class FitState:
 
 class Callback(Protocol):
     """One piece of a run: ``start(state)`` before the first step, ``after_step(state)`` after each, ``close(state)``
-    at the end (also after an error). Any of them may be absent."""
+    at the end (also after an error). Any of them may be absent.
+
+    Example:
+        >>> class StopAtLoss:   # a callback of one's own: stop once the query loss is below 0.1
+        ...     def after_step(self, state: FitState) -> None:
+        ...         if state.records[-1]["objective"] < 0.1 and state.stop is None:
+        ...             state.stop = "iterations"
+        >>> isinstance(StopAtLoss(), object)
+        True
+    """
 
     def after_step(self, state: FitState) -> None: ...
 
@@ -197,7 +213,8 @@ def fit(step: MetaStep, source: TaskSource, state: FitState, *, meta_batch: int,
         >>> state = FitState(params=params, optimizer=torch.optim.Adam(params.values(), lr=1e-3),
         ...                  generator=torch.Generator().manual_seed(0), iterations=3)
         >>> step = mf.meta_value_and_grad(mf.maml(model, inner_lr=0.01, loss="mse"))
-        >>> state = fit(step, mf.SinusoidSource(shots=5, queries=5), state, meta_batch=4)
+        >>> from metafunc.data.sinusoid import SinusoidSource
+        >>> state = fit(step, SinusoidSource(shots=5, queries=5), state, meta_batch=4)
         >>> state.iteration, state.stop, [r["iteration"] for r in state.records]
         (3, 'iterations', [1, 2, 3])
     """
