@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 from metafunc.cli.options import add_learner_option_flags, load_config_file, train_config_from_args
 from metafunc.registry import LEARNERS
@@ -28,12 +28,16 @@ def build_parser() -> argparse.ArgumentParser:
         >>> args.algorithm, args.shots
         ('fomaml', 5)
     """
-    from metafunc.train.datasets import DATASETS
-
     parser = argparse.ArgumentParser(prog="metafunc", description="Meta-learning on torch.func.")
     sub = parser.add_subparsers(dest="command", metavar="{train,evaluate,bench}")
     sub.required = True
+    _add_train_command(sub)
+    _add_evaluate_command(sub)
+    sub.add_parser("bench", help="benchmarks (metafunc.bench), arguments passed through", add_help=False)
+    return parser
 
+
+def _add_train_command(sub: Any) -> None:
     t = sub.add_parser("train", help="meta-train (no arguments: MAML on sinusoid regression vs a pretrained baseline)",
                        description="Meta-train a learner. Settings come from the dataset defaults, then --config, "
                                    "then the flags given here. Exit status: 0 done; 1 a rank died or hung (torchrun); "
@@ -41,6 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
                                    "checkpoint could not be written (the previous one is kept); 75 stopped by "
                                    "SIGTERM/SIGINT/SIGUSR1 after writing a checkpoint (restart with --resume).")
     t.add_argument("--config", help="JSON or TOML file of settings (flags given here override it)")
+    _add_learner_and_data_flags(t)
+    _add_episode_and_optimiser_flags(t)
+    _add_run_flags(t)
+    add_learner_option_flags(t)
+
+
+def _add_learner_and_data_flags(t: argparse.ArgumentParser) -> None:
+    from metafunc.train.datasets import DATASETS
+
     t.add_argument("--algorithm", choices=list(LEARNERS), metavar="{" + ",".join(LEARNERS) + "}",
                    help="the learner, from metafunc.LEARNERS (default maml): " +
                         "; ".join(f"{n}: {s.description}" for n, s in LEARNERS.items()))
@@ -59,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="random crop and flip of the training episodes on the device (image benchmarks; default on "
                         "for metric learners)")
+
+
+def _add_episode_and_optimiser_flags(t: argparse.ArgumentParser) -> None:
     t.add_argument("--ways", type=int, help="classes per task (omniglot default 5)")
     t.add_argument("--val-ways", type=int, help="classes per validation task (default: --ways, or all the "
                                                 "validation split's classes when it has fewer)")
@@ -81,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--val-episodes", type=int, help="validation episodes (default 100)")
     t.add_argument("--checkpoint-every", type=int, help="write OUT/checkpoint.pt every N iterations (and at the end)")
     t.add_argument("--width", type=int, help="filters of the Conv-4 (default 64)")
+
+
+def _add_run_flags(t: argparse.ArgumentParser) -> None:
     t.add_argument("--mode", choices=("auto", "vmap", "loop"),
                    help="meta-batch over tasks: vmap (sinusoid default), loop, or auto (loop on CPU, vmap on GPU; "
                         "the classification default)")
@@ -111,8 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --on-nonfinite skip: stop (exit status 3) once N steps were skipped (default 10)")
     t.add_argument("--dist-backend", choices=("auto", "gloo", "nccl"), default="auto",
                    help="under torchrun: auto (default) picks NCCL for a CUDA --device and gloo otherwise")
-    add_learner_option_flags(t)
 
+
+def _add_evaluate_command(sub: Any) -> None:
     e = sub.add_parser("evaluate", help="test accuracy (or MSE) of a checkpoint over many episodes, with 95%% CI",
                        description="Evaluate a checkpoint on test episodes: mean and 95%% CI = 1.96*std/sqrt(n).")
     e.add_argument("checkpoint", help="a checkpoint written by metafunc train (OUT/checkpoint.pt)")
@@ -128,9 +148,6 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--meta-batch", type=int, default=25, help="episodes evaluated at once (default 25)")
     e.add_argument("--json", help="also write the result to this JSON file")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-    sub.add_parser("bench", help="benchmarks (metafunc.bench), arguments passed through", add_help=False)
-    return parser
 
 
 def _cmd_bench(argv: list[str]) -> int:
