@@ -45,6 +45,53 @@ def _twice_differentiable_attention(enabled: bool) -> contextlib.AbstractContext
     return sdpa_kernel([SDPBackend.MATH])
 
 
+def _sgd_steps(task_loss: Callable[[Params, Tensor, Tensor], Tensor], fast: Params, names: list[str], n: int,
+               step_lr: float | Mapping[str, float | Tensor], x: Tensor, y: Tensor, losses: list[Tensor], *,
+               first_order: bool) -> Params:
+    """``n`` SGD steps of ``task_loss`` on the parameters ``names``, appending each step's loss to ``losses``:
+    with :func:`torch.func.grad` under a ``torch.func`` transform, with ``torch.autograd.grad`` otherwise."""
+    if not under_func_transform():
+        return _autograd_steps(task_loss, fast, names, n, step_lr, x, y, losses, first_order=first_order)
+    for _ in range(n):
+        def loss_of_adapted(adapted: Params) -> Tensor:
+            return task_loss({**fast, **adapted}, x, y)
+
+        grads, loss = grad_and_value(loss_of_adapted)({k: fast[k] for k in names})
+        if first_order:
+            grads = {k: g.detach() for k, g in grads.items()}
+        fast = sgd_step(fast, grads, step_lr)
+        losses.append(loss.detach())
+    return fast
+
+
+def _autograd_steps(task_loss: Callable[[Params, Tensor, Tensor], Tensor], fast: Params, names: list[str], n: int,
+                    step_lr: float | Mapping[str, float | Tensor], x: Tensor, y: Tensor, losses: list[Tensor], *,
+                    first_order: bool) -> Params:
+    """The loop fast path (no torch.func transform is running, e.g. ``meta_batch(mode="loop")``): the same steps
+    with ``torch.autograd.grad``, which skips functorch's per-op wrapping.
+
+    The graph is kept (``create_graph``) only when grad mode is on, the loop is second order and some adapted tensor
+    is differentiated from outside, which is exactly when ``torch.func.grad``'s result would carry a graph. Values and
+    gradients are the same as those of the ``torch.func`` path (tests/test_fast_paths.py checks both against a
+    float64 autograd reference).
+    """
+    outer = torch.is_grad_enabled() and not first_order and (x.requires_grad or y.requires_grad)
+    for _ in range(n):
+        sub = [fast[k] for k in names]
+        create = torch.is_grad_enabled() and not first_order and (
+            outer or any(v.requires_grad for v in fast.values()))
+        inputs = [v if v.requires_grad else v.detach().requires_grad_() for v in sub]
+        with torch.enable_grad():
+            loss = task_loss({**fast, **dict(zip(names, inputs))}, x, y)
+            found = torch.autograd.grad(loss, inputs, create_graph=create, allow_unused=True)
+        grads = {k: torch.zeros_like(v) if g is None else g for k, v, g in zip(names, sub, found)}
+        if not create:
+            grads = {k: g.detach() for k, g in grads.items()}
+        fast = sgd_step(fast, grads, step_lr)
+        losses.append(loss.detach())
+    return fast
+
+
 def inner_loop(
     task_loss: Callable[[Params, Tensor, Tensor], Tensor],
     *,
@@ -88,46 +135,8 @@ def inner_loop(
         fast = dict(params)
         losses: list[Tensor] = []
         with _twice_differentiable_attention(not first_order):
-            fast = _steps(fast, names, n, step_lr, x, y, losses)
+            fast = _sgd_steps(task_loss, fast, names, n, step_lr, x, y, losses, first_order=first_order)
         return fast, torch.stack(losses) if losses else torch.zeros(0)
-
-    def _steps(fast: Params, names: list[str], n: int, step_lr: float | Mapping[str, float | Tensor], x: Tensor, y: Tensor,
-               losses: list[Tensor]) -> Params:
-        if not under_func_transform():
-            return _autograd_steps(fast, names, n, step_lr, x, y, losses)
-        for _ in range(n):
-            def loss_of_adapted(adapted: Params) -> Tensor:
-                return task_loss({**fast, **adapted}, x, y)
-
-            grads, loss = grad_and_value(loss_of_adapted)({k: fast[k] for k in names})
-            if first_order:
-                grads = {k: g.detach() for k, g in grads.items()}
-            fast = sgd_step(fast, grads, step_lr)
-            losses.append(loss.detach())
-        return fast
-
-    def _autograd_steps(fast: Params, names: list[str], n: int, step_lr: float | Mapping[str, float | Tensor], x: Tensor, y: Tensor,
-                        losses: list[Tensor]) -> Params:
-        # The loop fast path (no torch.func transform is running, e.g. meta_batch(mode="loop")): the same steps with
-        # torch.autograd.grad, which skips functorch's per-op wrapping. The graph is kept (create_graph) only when
-        # grad mode is on, the loop is second order and some adapted tensor is differentiated from outside, which is
-        # exactly when torch.func.grad's result would carry a graph. Values and gradients are the same as those of
-        # the torch.func path below (tests/test_fast_paths.py checks both against a float64 autograd reference).
-        outer = torch.is_grad_enabled() and not first_order and (x.requires_grad or y.requires_grad)
-        for _ in range(n):
-            sub = [fast[k] for k in names]
-            create = torch.is_grad_enabled() and not first_order and (
-                outer or any(v.requires_grad for v in fast.values()))
-            inputs = [v if v.requires_grad else v.detach().requires_grad_() for v in sub]
-            with torch.enable_grad():
-                loss = task_loss({**fast, **dict(zip(names, inputs))}, x, y)
-                found = torch.autograd.grad(loss, inputs, create_graph=create, allow_unused=True)
-            grads = {k: torch.zeros_like(v) if g is None else g for k, v, g in zip(names, sub, found)}
-            if not create:
-                grads = {k: g.detach() for k, g in grads.items()}
-            fast = sgd_step(fast, grads, step_lr)
-            losses.append(loss.detach())
-        return fast
 
     run.__name__ = "adapt"
     run.__doc__ = inner_loop.__doc__
