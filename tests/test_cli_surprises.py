@@ -119,3 +119,27 @@ def test_resolve_config_runs_once_for_a_resolved_config():
     with pytest.raises(ValueError, match="train: unknown dataset 'omniglott'"):
         resolve_config(TrainConfig(dataset="omniglott"))
     assert torch.device(cfg.device).type == "cpu"
+
+
+def test_validation_at_other_shots_than_training(tmp_path):
+    from metafunc.train import TrainConfig, build_experiment, resolve_config, train
+    cfg = resolve_config(TrainConfig(dataset="synthetic", ways=3, shots=4, val_shots=1, queries=2, width=8,
+                                     iterations=2, val_every=1, out=str(tmp_path)))
+    exp = build_experiment(cfg)
+    gen = torch.Generator().manual_seed(0)
+    assert exp.sources["train"].sample(2, gen).support_x.shape[1] == 3 * 4
+    assert exp.sources["val"].sample(2, gen).support_x.shape[1] == 3 * 1
+    assert exp.sources["test"].sample(2, gen).support_x.shape[1] == 3 * 4
+    result = train(cfg, progress=False)
+    assert [r["iteration"] for r in result.records if r["split"] == "val"] == [1, 2]
+
+
+def test_cosine_outer_lr_schedule_reaches_the_optimizer(tmp_path):
+    import math
+
+    from metafunc.train import COSINE_FLOOR
+    assert main(["train", *SMOKE, "--iterations", "3", "--outer-lr", "0.01", "--outer-lr-schedule", "cosine",
+                 "--out", str(tmp_path)]) == 0
+    lr = load_checkpoint(tmp_path / "checkpoint.pt")["optimizer"]["param_groups"][0]["lr"]
+    floor = COSINE_FLOOR * 0.01
+    assert abs(lr - (floor + (0.01 - floor) * 0.5 * (1 + math.cos(math.pi * 2 / 3)))) < 1e-12   # step 3 used i=2

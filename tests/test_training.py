@@ -291,8 +291,8 @@ def test_linear_outer_lr_schedule_anneals_to_zero_and_resume_refuses_another_opt
     assert not (tmp_path / "dist").exists()   # refused before anything was built or written
     with pytest.raises(ValueError, match=r"train: outer_optimizer must be one of 'adam', 'sgd' \(got 'rmsprop'\)"):
         resolve_config(TrainConfig(outer_optimizer="rmsprop"))
-    with pytest.raises(ValueError, match=r"train: outer_lr_schedule must be one of 'constant', 'linear'"):
-        resolve_config(TrainConfig(outer_lr_schedule="cosine"))
+    with pytest.raises(ValueError, match=r"train: outer_lr_schedule must be one of 'constant', 'linear', 'cosine'"):
+        resolve_config(TrainConfig(outer_lr_schedule="exponential"))
 
 
 def test_a_checkpoint_written_before_the_outer_optimizer_setting_resumes_as_adam(tmp_path):

@@ -79,6 +79,8 @@ def _add_episode_and_optimiser_flags(t: argparse.ArgumentParser) -> None:
     t.add_argument("--val-ways", type=int, help="classes per validation task (default: --ways, or all the "
                                                 "validation split's classes when it has fewer)")
     t.add_argument("--shots", type=int, help="support examples per class (sinusoid: support points K, default 10)")
+    t.add_argument("--val-shots", type=int, help="support examples per class of the validation tasks (default "
+                                                 "--shots; Reptile trains at more shots than it is tested at)")
     t.add_argument("--queries", type=int, help="query examples per class (omniglot default 15)")
     t.add_argument("--meta-batch", type=int, help="tasks per meta-step (sinusoid 25, omniglot 32)")
     t.add_argument("--inner-steps", type=int, help="inner SGD steps in training (default 1)")
@@ -88,9 +90,9 @@ def _add_episode_and_optimiser_flags(t: argparse.ArgumentParser) -> None:
     t.add_argument("--outer-optimizer", choices=("adam", "sgd"),
                    help="the meta-update: adam (default) or sgd (Reptile's interpolation step: --outer-lr 1 moves the "
                         "initialisation to the mean adapted weights)")
-    t.add_argument("--outer-lr-schedule", choices=("constant", "linear"),
-                   help="constant (default), or linear: anneal --outer-lr to 0 over the run (over --time-budget when "
-                        "given), as Reptile does")
+    t.add_argument("--outer-lr-schedule", choices=("constant", "linear", "cosine"),
+                   help="constant (default); linear: anneal --outer-lr to 0 over the run (over --time-budget when "
+                        "given), as Reptile does; cosine: along half a cosine to 1%% of it, as MAML++ does")
     t.add_argument("--iterations", "--steps", dest="iterations", type=int,
                    help="meta-iterations (sinusoid 70000, the MAML paper's budget; omniglot 2000)")
     t.add_argument("--val-every", type=int, help="validate every N iterations (0: only at the end)")

@@ -27,6 +27,7 @@ from metafunc.train.evaluation import BATCHNORM_PROTOCOL, EvalResult, TaskSource
 from metafunc.train.experiment import Experiment, build_experiment, build_network, build_sources, learner_options
 from metafunc.train.fit import FitState, fit
 from metafunc.train.loop import (
+    COSINE_FLOOR,
     EXIT_CHECKPOINT,
     EXIT_NONFINITE,
     EXIT_PREEMPTED,
@@ -37,6 +38,7 @@ from metafunc.train.loop import (
     default_is_main,
     restore_checkpoint,
     run_callbacks,
+    run_fraction,
     train,
     trainer_step,
 )
@@ -51,7 +53,7 @@ from metafunc.train.sinusoid_baseline import (
 
 __all__ = [
     "fit", "FitState", "StopOnSignal", "AgreeAcrossRanks", "Validation", "MetricsLog", "ProgressBar", "Checkpointer",
-    "Barrier", "run_callbacks",
+    "Barrier", "run_callbacks", "run_fraction", "COSINE_FLOOR",
     "TrainConfig", "ResolvedConfig", "RESUME_KEYS", "resolve_config",
     "DATASETS", "DatasetSpec", "dataset_spec", "register_dataset",
     "Experiment", "build_experiment", "build_sources", "build_network", "learner_options",

@@ -27,9 +27,10 @@ OUTER_OPTIMIZERS = ("adam", "sgd")
 :func:`metafunc.reptile`, SGD at ``outer_lr`` epsilon moves the initialisation ``epsilon`` of the way to the mean of
 the adapted weights)."""
 
-OUTER_LR_SCHEDULES = ("constant", "linear")
-"""``--outer-lr-schedule``: a constant ``outer_lr``, or one annealed linearly to 0 over the run (Reptile's
-schedule): over ``iterations``, or over ``time_budget`` (by the meta-step seconds spent) when a budget is given."""
+OUTER_LR_SCHEDULES = ("constant", "linear", "cosine")
+"""``--outer-lr-schedule``: a constant ``outer_lr``, one annealed linearly to 0 over the run (Reptile's schedule), or
+along half a cosine to 1% of it (MAML++'s): over ``iterations``, or over ``time_budget`` (by the meta-step seconds
+spent) when a budget is given."""
 
 RESUME_KEYS = ("algorithm", "dataset", "ways", "shots", "queries", "meta_batch", "inner_steps", "inner_lr",
                "outer_lr", "seed", "width", "mode", "options", "backbone", "outer_optimizer", "outer_lr_schedule",
@@ -56,6 +57,9 @@ class TrainConfig:
     ways: int | None = None
     val_ways: int | None = None
     """Classes per validation task (default: ``ways``, or all the validation split's classes if it has fewer)."""
+    val_shots: int | None = None
+    """Support examples per class of the validation tasks (default: ``shots``; Reptile trains at more shots than it
+    is tested at)."""
     shots: int | None = None
     queries: int | None = None
     meta_batch: int | None = None
@@ -192,7 +196,7 @@ def _check_numbers(cfg: ResolvedConfig) -> None:
         check_steps("train", name, getattr(cfg, name), minimum=0)
     for name in ("inner_lr", "outer_lr"):
         check_positive("train", name, getattr(cfg, name))
-    for name in ("chunk_size", "threads", "val_ways"):
+    for name in ("chunk_size", "threads", "val_ways", "val_shots"):
         if getattr(cfg, name) is not None:
             check_steps("train", name, getattr(cfg, name), minimum=2 if name == "val_ways" else 1)
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):

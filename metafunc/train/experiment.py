@@ -71,27 +71,31 @@ def build_sources(cfg: ResolvedConfig) -> Mapping[str, TaskSource]:
     if cfg.val_ways is not None and not spec.accepts("val_ways"):
         raise ValueError(f"train: --val-ways is not taken by dataset {cfg.dataset} (its factory has no val_ways "
                          "option); leave it out")
-    sources = spec.build(**{k: v for k, v in settings.items() if k != "root" or root is not None})
+    settings = {k: v for k, v in settings.items() if k != "root" or root is not None}
+    sources = spec.build(**settings)
+    wraps: dict[str, Callable[[], TaskSource]] = {}
+    if cfg.val_shots is not None and cfg.val_shots != cfg.shots:   # e.g. Reptile: trains at more shots than it tests
+        wraps["val"] = lambda: spec.build(**{**settings, "shots": cfg.val_shots})["val"]
     if cfg.augment:
         from metafunc.data import AugmentedSource
         padding = 4 if (spec.image_size or 28) <= 32 else 8
-        return _TrainWrapped(sources, lambda source: AugmentedSource(source, padding=padding))
-    return sources
+        wraps["train"] = lambda: AugmentedSource(sources["train"], padding=padding)
+    return _SplitsWith(sources, wraps) if wraps else sources
 
 
-class _TrainWrapped(Mapping[str, TaskSource]):
-    """``sources`` with ``wrap`` applied to the ``"train"`` source, every split still built only when first read."""
+class _SplitsWith(Mapping[str, TaskSource]):
+    """``sources`` with some splits made otherwise (``wraps[split]()``), every split built only when first read."""
 
-    def __init__(self, sources: Mapping[str, TaskSource], wrap: Callable[[TaskSource], TaskSource]) -> None:
-        self._sources, self._wrap = sources, wrap
-        self._train: TaskSource | None = None
+    def __init__(self, sources: Mapping[str, TaskSource], wraps: dict[str, Callable[[], TaskSource]]) -> None:
+        self._sources, self._wraps = sources, wraps
+        self._built: dict[str, TaskSource] = {}
 
     def __getitem__(self, split: str) -> TaskSource:
-        if split != "train":
+        if split not in self._wraps:
             return self._sources[split]
-        if self._train is None:
-            self._train = self._wrap(self._sources["train"])
-        return self._train
+        if split not in self._built:
+            self._built[split] = self._wraps[split]()
+        return self._built[split]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._sources)

@@ -29,6 +29,7 @@ Long runs lose nothing:
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -60,7 +61,8 @@ from metafunc.train.plots import plot_learning_curve
 
 __all__ = ["TrainResult", "train", "default_is_main", "checkpoint_state", "restore_checkpoint", "trainer_step",
            "NonFiniteError", "Preempted", "EXIT_NONFINITE", "EXIT_PREEMPTED", "EXIT_CHECKPOINT", "STOP_SIGNALS",
-           "nonfinite_quantity", "outer_optimizer", "outer_lr_at", "RUN_FILES", "run_callbacks"]
+           "nonfinite_quantity", "outer_optimizer", "outer_lr_at", "run_fraction", "COSINE_FLOOR", "RUN_FILES",
+           "run_callbacks"]
 
 EXIT_NONFINITE = 3
 """``metafunc train``'s exit status when the meta-loss or meta-gradient stopped being finite."""
@@ -160,10 +162,28 @@ def outer_optimizer(cfg: ResolvedConfig, params: Params) -> torch.optim.Optimize
     return torch.optim.Adam(params.values(), lr=cfg.outer_lr)
 
 
+def run_fraction(cfg: ResolvedConfig, iteration: int, train_seconds: float) -> float:
+    """How much of the run is done before meta-step ``iteration`` (0-based): of ``time_budget`` seconds of meta-steps
+    when a budget is set, else of ``iterations``; in ``[0, 1]``. The schedules (and anything annealed over a run)
+    read it.
+
+    Example:
+        >>> run_fraction(resolve_config(TrainConfig(iterations=4)), 1, 0.0)
+        0.25
+    """
+    done = train_seconds / cfg.time_budget if cfg.time_budget is not None else iteration / cfg.iterations
+    return min(1.0, max(0.0, done))
+
+
+COSINE_FLOOR = 0.01
+"""The cosine schedule anneals ``outer_lr`` to ``COSINE_FLOOR * outer_lr`` (MAML++'s configs: 1e-3 to 1e-5)."""
+
+
 def outer_lr_at(cfg: ResolvedConfig, iteration: int, train_seconds: float) -> float:
     """The outer learning rate of meta-step ``iteration`` (0-based), ``train_seconds`` of meta-steps into the run:
-    ``cfg.outer_lr``, or with ``outer_lr_schedule="linear"`` that times the fraction of the run left (of
-    ``time_budget`` seconds when a budget is set, else of ``iterations``), as Reptile anneals its step size to 0.
+    ``cfg.outer_lr``; with ``outer_lr_schedule="linear"`` that times the fraction of the run left, as Reptile anneals
+    its step size to 0; with ``"cosine"`` annealed along half a cosine to ``COSINE_FLOOR * outer_lr`` (MAML++'s
+    cosine annealing of the meta learning rate). The fraction is :func:`run_fraction`'s.
 
     Example:
         >>> cfg = resolve_config(TrainConfig(outer_lr=1.0, iterations=4, outer_lr_schedule="linear"))
@@ -172,11 +192,17 @@ def outer_lr_at(cfg: ResolvedConfig, iteration: int, train_seconds: float) -> fl
         >>> budget = resolve_config(TrainConfig(outer_lr=1.0, time_budget=60.0, outer_lr_schedule="linear"))
         >>> outer_lr_at(budget, 0, 15.0), outer_lr_at(budget, 9, 75.0)   # a quarter spent; past the budget
         (0.75, 0.0)
+        >>> cosine = resolve_config(TrainConfig(outer_lr=1.0, iterations=4, outer_lr_schedule="cosine"))
+        >>> [round(outer_lr_at(cosine, i, 0.0), 4) for i in range(4)]
+        [1.0, 0.855, 0.505, 0.155]
     """
-    if cfg.outer_lr_schedule == "constant":
-        return cfg.outer_lr
-    done = train_seconds / cfg.time_budget if cfg.time_budget is not None else iteration / cfg.iterations
-    return cfg.outer_lr * max(0.0, 1.0 - done)
+    done = run_fraction(cfg, iteration, train_seconds)
+    if cfg.outer_lr_schedule == "linear":
+        return cfg.outer_lr * (1.0 - done)
+    if cfg.outer_lr_schedule == "cosine":
+        floor = COSINE_FLOOR * cfg.outer_lr
+        return floor + (cfg.outer_lr - floor) * 0.5 * (1.0 + math.cos(math.pi * done))
+    return cfg.outer_lr
 
 
 _OLD_CHECKPOINT_DEFAULTS = {"outer_optimizer": "adam", "outer_lr_schedule": "constant"}
@@ -343,9 +369,10 @@ def train(config: TrainConfig, *, resume: bool | str | os.PathLike = False, over
         2
     """
     cfg = config if isinstance(config, ResolvedConfig) else resolve_config(config)
-    if sync_flag is not None and cfg.outer_lr_schedule == "linear" and cfg.time_budget is not None:
+    if sync_flag is not None and cfg.outer_lr_schedule != "constant" and cfg.time_budget is not None:
         # each rank measures its own seconds, so a schedule over the budget would give the ranks different steps
-        raise ValueError("train: --outer-lr-schedule linear with --time-budget anneals by each process's own clock, "
+        raise ValueError(f"train: --outer-lr-schedule {cfg.outer_lr_schedule} with --time-budget anneals by each "
+                         "process's own clock, "
                          "so the processes of a distributed run would step differently; pass --iterations and no "
                          "--time-budget to anneal over iterations")
     is_main = default_is_main() if is_main is None else is_main
