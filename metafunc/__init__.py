@@ -30,6 +30,7 @@ from metafunc.algorithms import (
     fomaml,
     make_learner,
     maml,
+    maml_plus_plus,
     matching_net,
     meta_sgd,
     proto_maml,
@@ -69,6 +70,7 @@ __all__ = [
     "BatchNorm", "LayerNorm", "GroupNorm", "convert_norm_layers", "find_torch_norm_layers",
     # algorithms
     "MetaLearner", "maml", "fomaml", "anil", "boil", "meta_sgd", "reptile", "with_steps", "META_SGD_LR_PREFIX",
+    "maml_plus_plus",
     "protonet", "matching_net", "proto_maml", "fo_proto_maml", "prototypes", "prototype_head",
     # writing a learner (metafunc.algorithms.base)
     "make_learner", "check_model", "resolve_loss", "LossSpec",

@@ -168,3 +168,10 @@ CASES += [
     LearnerCase("imaml-layernorm-mlp-xent", lambda m: imaml(m, inner_lr=0.1, steps=3, lam=1.0, cg_iterations=3),
                 _LN_CLASSIFIER, feature_tasks()),
 ]
+
+# MAML++ (every part on, inside the multi-step-loss annealing) on a BatchNorm Conv-4.
+from metafunc import maml_plus_plus  # noqa: E402
+
+CASES.append(LearnerCase("maml_plus_plus-conv4-batchnorm",
+                         lambda m: maml_plus_plus(m, inner_lr=0.3, steps=2, epoch=1, msl_epochs=3),
+                         conv4_module(), classification_tasks()))

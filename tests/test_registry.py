@@ -34,7 +34,7 @@ PACKAGE = ROOT / "metafunc"
 
 def test_registry_cli_choices_bench_paths_and_contract_cases_agree():
     names = list(LEARNERS)
-    assert len(names) == 13 and {"imaml", "checkpointed_maml", "one_step"} <= set(names)
+    assert len(names) == 14 and {"imaml", "checkpointed_maml", "one_step"} <= set(names)
     train_parser = build_parser()._subparsers._group_actions[0].choices["train"]  # type: ignore[union-attr]
     [algorithm] = [a for a in train_parser._actions if a.dest == "algorithm"]
     assert list(algorithm.choices) == names
