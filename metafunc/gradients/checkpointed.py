@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 from torch import Tensor
 from torch.func import grad_and_value
@@ -23,6 +24,7 @@ from metafunc.core.tree import select, tree_detach
 from metafunc.core.types import Metrics, ModelFn, Params, Selector, Task
 from metafunc.gradients._common import (
     HVP_MODES,
+    TaskLoss,
     attach_gradient,
     clip_tree,
     make_step,
@@ -63,6 +65,43 @@ def _check_checkpoints(caller: str, checkpoints: int, steps: int) -> None:
             f"{caller}: checkpoints must be between 1 and steps={steps} (got {checkpoints}); "
             f"leave it as None for ceil(sqrt(steps)) = {default_checkpoints(steps)}"
         )
+
+
+def _forward_keeping_checkpoints(step: Callable[[Params, Tensor, Tensor], Params],
+                                 task_loss: TaskLoss, params: Params, x: Tensor, y: Tensor, *, steps: int,
+                                 kept: set[int]) -> tuple[Params, dict[int, Params], Tensor | None]:
+    """The inner loop without a graph: the adapted parameters, the parameters at the steps in ``kept`` (the
+    checkpoints, by step) and the support loss before the first step."""
+    phi = tree_detach(params)
+    saved: dict[int, Params] = {}
+    support_loss = None
+    for i in range(steps):
+        if i in kept:
+            saved[i] = phi
+        if i == 0:
+            support_loss = task_loss(phi, x, y).detach()
+        phi = step(phi, x, y)
+    return phi, saved, support_loss
+
+
+def _carry_back(v: Params, saved: dict[int, Params], step: Callable[[Params, Tensor, Tensor], Params],
+                pullback: Callable[[Params, Params, Tensor, Tensor], Params], x: Tensor, y: Tensor, *,
+                positions: list[int], steps: int, names: list[str], clip_norm: float | None) -> Params:
+    """Carry the query gradient ``v`` back through the inner loop: recompute each segment forward from its
+    checkpoint in ``saved`` (which it empties), then pull ``v`` back one step at a time, clipping its adapted part
+    to ``clip_norm`` after every step if given."""
+    bounds = positions + [steps]
+    for j in range(len(positions) - 1, -1, -1):
+        start, end = bounds[j], bounds[j + 1]
+        segment = [saved.pop(start)]
+        for _ in range(start, end - 1):
+            segment.append(step(segment[-1], x, y))
+        for phi_i in reversed(segment):
+            v = pullback(phi_i, v, x, y)
+            if clip_norm is not None:
+                v = {**v, **clip_tree({k: v[k] for k in names}, clip_norm)}
+        del segment
+    return v
 
 
 def checkpointed_maml(
@@ -133,16 +172,7 @@ def checkpointed_maml(
         pullback = make_step_pullback(task_loss, names, lr, hvp)
         x, y = task.support_x, task.support_y
 
-        # Forward: the inner loop without a graph, keeping the parameters at the checkpoints.
-        phi = tree_detach(params)
-        saved: dict[int, Params] = {}
-        support_loss = None
-        for i in range(steps):
-            if i in kept:
-                saved[i] = phi
-            if i == 0:
-                support_loss = task_loss(phi, x, y).detach()
-            phi = step(phi, x, y)
+        phi, saved, support_loss = _forward_keeping_checkpoints(step, task_loss, params, x, y, steps=steps, kept=kept)
 
         def query(p: Params) -> tuple[Tensor, Tensor]:
             prediction = model(p, task.query_x)
@@ -150,19 +180,8 @@ def checkpointed_maml(
 
         v, (query_loss, prediction) = grad_and_value(query, has_aux=True)(phi)
         del phi
-
-        # Backward: recompute each segment from its checkpoint and carry v back one step at a time.
-        bounds = positions + [steps]
-        for j in range(len(positions) - 1, -1, -1):
-            start, end = bounds[j], bounds[j + 1]
-            segment = [saved.pop(start)]
-            for _ in range(start, end - 1):
-                segment.append(step(segment[-1], x, y))
-            for phi_i in reversed(segment):
-                v = pullback(phi_i, v, x, y)
-                if clip_norm is not None:
-                    v = {**v, **clip_tree({k: v[k] for k in names}, clip_norm)}
-            del segment
+        v = _carry_back(v, saved, step, pullback, x, y, positions=positions, steps=steps, names=names,
+                        clip_norm=clip_norm)
 
         metrics = task_metrics(prediction, task.query_y, query_loss, classification)
         metrics["support_loss"] = support_loss  # type: ignore[assignment]
