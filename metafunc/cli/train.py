@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 from metafunc import distributed
-from metafunc._shared import atomic_write_text, strict_json
 from metafunc.cli.options import train_config_from_args
 from metafunc.registry import LEARNERS
 from metafunc.train import (
@@ -23,12 +22,10 @@ from metafunc.train import (
     TrainResult,
     default_is_main,
     load_checkpoint,
-    plot_sinusoid_adaptation,
-    pretrain_baseline,
     resolve_config,
-    sinusoid_comparison,
     train,
 )
+from metafunc.train.sinusoid_baseline import compare_with_baseline
 from metafunc.train.torchrun import join_torchrun
 
 __all__ = ["run_train"]
@@ -64,12 +61,10 @@ def _report(result: TrainResult, cfg: ResolvedConfig, args: argparse.Namespace) 
     print(f"trained {done} iterations in {result.seconds:.1f} s{budget}; checkpoint {out / 'checkpoint.pt'}, "
           f"metrics {out / 'metrics.jsonl'}, learning curve {out / 'learning_curve.png'}")
     if cfg.dataset == "sinusoid" and not args.no_baseline:
-        baseline = pretrain_baseline(cfg, progress=not args.no_progress)
-        comparison = sinusoid_comparison(result, baseline, episodes=args.eval_episodes)
+        comparison, results, figure = compare_with_baseline(result, episodes=args.eval_episodes,
+                                                            progress=not args.no_progress)
         print(comparison.table())
-        atomic_write_text(out / "sinusoid_results.json", strict_json(comparison.as_dict(), indent=2) + "\n")
-        fig = plot_sinusoid_adaptation(result, baseline, out / "sinusoid_adaptation.png")
-        print(f"results {out / 'sinusoid_results.json'}, figure {fig}")
+        print(f"results {results}, figure {figure}")
         return
     val = [r for r in result.records if r.get("split") == "val"]
     if val:

@@ -21,6 +21,7 @@ from metafunc.train.callbacks import (
     Validation,
 )
 from metafunc.train.checkpoint import CheckpointError, check_compatible, load_checkpoint, previous_path, save_checkpoint
+from metafunc.train.checkpoint_evaluation import CheckpointEvaluation, evaluate_checkpoint
 from metafunc.train.config import RESUME_KEYS, ResolvedConfig, TrainConfig, resolve_config
 from metafunc.train.datasets import DATASETS, DatasetSpec, dataset_spec, register_dataset
 from metafunc.train.evaluation import BATCHNORM_PROTOCOL, EvalResult, TaskSource, evaluate_episodes, new_output_layer
@@ -46,6 +47,7 @@ from metafunc.train.plots import plot_learning_curve, save_figure
 from metafunc.train.sinusoid_baseline import (
     SINUSOID_EVAL_STEPS,
     SinusoidComparison,
+    compare_with_baseline,
     plot_sinusoid_adaptation,
     pretrain_baseline,
     sinusoid_comparison,
@@ -53,7 +55,7 @@ from metafunc.train.sinusoid_baseline import (
 
 __all__ = [
     "fit", "FitState", "StopOnSignal", "AgreeAcrossRanks", "Validation", "MetricsLog", "ProgressBar", "Checkpointer",
-    "Barrier", "run_callbacks", "run_fraction", "COSINE_FLOOR",
+    "Barrier", "run_callbacks", "evaluate_checkpoint", "CheckpointEvaluation", "compare_with_baseline", "run_fraction", "COSINE_FLOOR",
     "TrainConfig", "ResolvedConfig", "RESUME_KEYS", "resolve_config",
     "DATASETS", "DatasetSpec", "dataset_spec", "register_dataset",
     "Experiment", "build_experiment", "build_sources", "build_network", "learner_options",

@@ -9,6 +9,7 @@ from typing import Any, NamedTuple, cast
 
 import torch
 
+from metafunc._shared import atomic_write_text, strict_json
 from metafunc.algorithms import maml
 from metafunc.core.functional import functionalize
 from metafunc.core.types import ModelFn, Params, Task
@@ -23,7 +24,7 @@ from metafunc.train.loop import TrainResult
 from metafunc.train.plots import save_figure
 
 __all__ = ["SINUSOID_EVAL_STEPS", "SinusoidComparison", "pretrain_baseline", "joint_regression_step", "sinusoid_comparison",
-           "plot_sinusoid_adaptation"]
+           "plot_sinusoid_adaptation", "compare_with_baseline"]
 
 SINUSOID_EVAL_STEPS = (0, 1, 10)
 
@@ -186,3 +187,24 @@ def plot_sinusoid_adaptation(result: TrainResult, baseline_params: Params, path:
                 ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def compare_with_baseline(result: TrainResult, *, episodes: int = 600, progress: bool = True
+                          ) -> tuple[SinusoidComparison, Path, Path]:
+    """The main job's comparison: pretrain the baseline on the run's settings, compare on ``episodes`` held-out
+    tasks, and write ``sinusoid_results.json`` and the paper's figure into the run's folder; returns the comparison
+    and the two paths.
+
+    Example:
+        >>> import tempfile
+        >>> from metafunc.train import TrainConfig, train
+        >>> run = train(TrainConfig(iterations=2, out=tempfile.mkdtemp()), progress=False)
+        >>> comparison, results, figure = compare_with_baseline(run, episodes=10, progress=False)
+        >>> sorted(comparison.results), results.name, figure.name
+        (['maml', 'pretrained'], 'sinusoid_results.json', 'sinusoid_adaptation.png')
+    """
+    baseline = pretrain_baseline(result.config, progress=progress)
+    comparison = sinusoid_comparison(result, baseline, episodes=episodes)
+    results = atomic_write_text(result.out / "sinusoid_results.json", strict_json(comparison.as_dict(), indent=2) + "\n")
+    figure = plot_sinusoid_adaptation(result, baseline, result.out / "sinusoid_adaptation.png")
+    return comparison, results, figure
