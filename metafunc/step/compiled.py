@@ -40,6 +40,56 @@ def _signature(params: Params, tasks: Task) -> tuple:
     return tuple((k, of(v)) for k, v in params.items()), tuple(of(t) for t in tasks)
 
 
+def _check_compiler_options(*, backend: str, rtol: float | None, cuda_graphs: bool) -> None:
+    """:func:`compiled_meta_step`'s eager checks on the compiler settings."""
+    if not isinstance(backend, str) or not backend:
+        raise TypeError(f"compiled_meta_step: backend must be a torch.compile backend name such as 'inductor' "
+                        f"(got {backend!r})")
+    if backend not in torch._dynamo.list_backends(exclude_tags=()):
+        raise ValueError(f"compiled_meta_step: unknown backend {backend!r}; choose one of "
+                         f"{sorted(torch._dynamo.list_backends(exclude_tags=()))}")
+    if rtol is not None and not (isinstance(rtol, (int, float)) and rtol > 0):
+        raise ValueError(f"compiled_meta_step: rtol must be a number > 0 (got {rtol!r})")
+    if cuda_graphs and backend != "inductor":
+        raise ValueError(f"compiled_meta_step: cuda_graphs=True needs backend='inductor' (got {backend!r})")
+
+
+def _checked_step_inputs(per_task: PerTaskFn, params: Params, tasks: Task, *, mode: str, validate: bool,
+                         cuda_graphs: bool) -> Task:
+    """The compiled step's eager checks on one call's ``params`` and ``tasks``; the checked tasks."""
+    if not isinstance(params, dict):
+        raise TypeError(f"compiled_meta_step: params must be a dict of tensors (got {type(params).__name__})")
+    tasks = checked_tasks("compiled_meta_step", per_task, params, tasks, mode=mode, validate=validate)
+    if tasks.num_tasks < 1:
+        raise ValueError("compiled_meta_step: the meta-batch is empty (0 tasks); stack at least one task")
+    if cuda_graphs and tasks.support_x.device.type != "cuda":
+        raise ValueError(f"compiled_meta_step: cuda_graphs=True needs CUDA tensors (got tasks on "
+                         f"{tasks.support_x.device}); move params and tasks with .to('cuda') or drop cuda_graphs")
+    return tasks
+
+
+def _trained_and_frozen(params: Params) -> tuple[Params, Params]:
+    """``params`` split, detached, into the meta-learned ones (those that require grad) and the rest."""
+    trained = {k: v.detach() for k, v in params.items() if isinstance(v, Tensor) and v.requires_grad}
+    if not trained:
+        raise ValueError("compiled_meta_step: no parameter requires grad; pass leaves from "
+                         "functionalize(module) (or call .requires_grad_() on the ones to meta-learn)")
+    frozen = {k: v.detach() if isinstance(v, Tensor) else v for k, v in params.items() if k not in trained}
+    return trained, frozen
+
+
+def _check_against_eager(grads: Params, reference: Params, *, tolerance: float, backend: str) -> None:
+    """Raise if the compiled meta-gradient ``grads`` differs from the eager ``reference`` by more than
+    ``tolerance`` (relative error of the whole tree)."""
+    error = tree_relative_error({k: g.detach() for k, g in grads.items()}, reference)
+    if not error <= tolerance:
+        raise RuntimeError(
+            f"compiled_meta_step: the compiled meta-gradient differs from the eager one by {error:.2e} "
+            f"(relative, whole tree) > rtol={tolerance:.0e} with backend={backend!r}; use "
+            "metafunc.meta_value_and_grad (eager), another backend, or a larger rtol if this is expected"
+        )
+
+
 def compiled_meta_step(
     per_task: PerTaskFn | Callable[[Params, Task], Tensor] | Any,
     *,
@@ -77,16 +127,7 @@ def compiled_meta_step(
     per_task = per_task_function(per_task, "compiled_meta_step")
     check_choice("compiled_meta_step", "mode", mode, ("vmap", "loop"))
     check_batching_options("compiled_meta_step", mode, chunk_size)
-    if not isinstance(backend, str) or not backend:
-        raise TypeError(f"compiled_meta_step: backend must be a torch.compile backend name such as 'inductor' "
-                        f"(got {backend!r})")
-    if backend not in torch._dynamo.list_backends(exclude_tags=()):
-        raise ValueError(f"compiled_meta_step: unknown backend {backend!r}; choose one of "
-                         f"{sorted(torch._dynamo.list_backends(exclude_tags=()))}")
-    if rtol is not None and not (isinstance(rtol, (int, float)) and rtol > 0):
-        raise ValueError(f"compiled_meta_step: rtol must be a number > 0 (got {rtol!r})")
-    if cuda_graphs and backend != "inductor":
-        raise ValueError(f"compiled_meta_step: cuda_graphs=True needs backend='inductor' (got {backend!r})")
+    _check_compiler_options(backend=backend, rtol=rtol, cuda_graphs=cuda_graphs)
 
     batched = meta_batch(per_task, mode=mode, chunk_size=chunk_size, validate=False)
 
@@ -111,19 +152,8 @@ def compiled_meta_step(
         return compiled_by_signature[key]
 
     def step(params: Params, tasks: Task) -> tuple[Tensor, Metrics, Params]:
-        if not isinstance(params, dict):
-            raise TypeError(f"compiled_meta_step: params must be a dict of tensors (got {type(params).__name__})")
-        tasks = checked_tasks("compiled_meta_step", per_task, params, tasks, mode=mode, validate=validate)
-        if tasks.num_tasks < 1:
-            raise ValueError("compiled_meta_step: the meta-batch is empty (0 tasks); stack at least one task")
-        if cuda_graphs and tasks.support_x.device.type != "cuda":
-            raise ValueError(f"compiled_meta_step: cuda_graphs=True needs CUDA tensors (got tasks on "
-                             f"{tasks.support_x.device}); move params and tasks with .to('cuda') or drop cuda_graphs")
-        trained = {k: v.detach() for k, v in params.items() if isinstance(v, Tensor) and v.requires_grad}
-        if not trained:
-            raise ValueError("compiled_meta_step: no parameter requires grad; pass leaves from "
-                             "functionalize(module) (or call .requires_grad_() on the ones to meta-learn)")
-        frozen = {k: v.detach() if isinstance(v, Tensor) else v for k, v in params.items() if k not in trained}
+        tasks = _checked_step_inputs(per_task, params, tasks, mode=mode, validate=validate, cuda_graphs=cuda_graphs)
+        trained, frozen = _trained_and_frozen(params)
         key = _signature(params, tasks)
         run = compiled_for(key, trained, frozen, tasks)
         if cuda_graphs:
@@ -135,13 +165,7 @@ def compiled_meta_step(
         if check and checks_done.get(key, 0) < checks_per_signature:
             reference, _ = eager(trained, frozen, tasks)
             tolerance = rtol if rtol is not None else DEFAULT_RTOL.get(next(iter(trained.values())).dtype, 1e-2)
-            error = tree_relative_error({k: g.detach() for k, g in grads.items()}, reference)
-            if not error <= tolerance:
-                raise RuntimeError(
-                    f"compiled_meta_step: the compiled meta-gradient differs from the eager one by {error:.2e} "
-                    f"(relative, whole tree) > rtol={tolerance:.0e} with backend={backend!r}; use "
-                    "metafunc.meta_value_and_grad (eager), another backend, or a larger rtol if this is expected"
-                )
+            _check_against_eager(grads, reference, tolerance=tolerance, backend=backend)
             checks_done[key] = checks_done.get(key, 0) + 1
         return loss.detach(), {k: v.detach() for k, v in metrics.items()}, {k: g.detach() for k, g in grads.items()}
 
