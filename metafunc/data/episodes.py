@@ -52,6 +52,61 @@ def check_class_sizes(labels: Tensor, *, shots: int, queries: int) -> tuple[Tens
     return class_ids, inverse, counts
 
 
+def _check_images_and_labels(images: Any, labels: Any, dtype: Any) -> None:
+    """:class:`EpisodeSampler`'s eager checks on the data set and the output dtype."""
+    if not isinstance(images, Tensor):
+        raise TypeError(f"{_NAME}: images must be a tensor (got {type(images).__name__})")
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"{_NAME}: labels must be a tensor (got {type(labels).__name__})")
+    if images.dim() < 1 or labels.dim() != 1 or images.shape[0] != labels.shape[0]:
+        raise ValueError(
+            f"{_NAME}: labels must be 1-D with one label per image (got images of shape {tuple(images.shape)} "
+            f"and labels of shape {tuple(labels.shape)})"
+        )
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"{_NAME}: labels must hold integer class ids (got dtype {labels.dtype})")
+    if images.shape[0] == 0:
+        raise ValueError(f"{_NAME}: the data set is empty (images of shape {tuple(images.shape)})")
+    if not (images.is_floating_point() or images.dtype == torch.uint8):
+        raise TypeError(f"{_NAME}: images must be uint8 or floating point (got dtype {images.dtype})")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"{_NAME}: dtype must be a floating torch.dtype (got {dtype!r})")
+
+
+def _check_rotations(rotations: Any, images: Tensor) -> None:
+    if not isinstance(rotations, bool):
+        raise TypeError(f"{_NAME}: rotations must be a bool (got {rotations!r})")
+    if rotations and (images.dim() < 3 or images.shape[-1] != images.shape[-2]):
+        raise ValueError(
+            f"{_NAME}: rotations=True needs square images (..., H, W) with H == W "
+            f"(got images of shape {tuple(images.shape)}); pass rotations=False"
+        )
+
+
+def _class_index(inverse: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+    """``(index, valid)``, both ``(classes, largest class size)``: ``index[c, j]`` is the position in the data set of
+    the j-th example of class ``c`` (padded with 0 where a class has fewer examples), ``valid`` marks the real ones.
+    ``inverse`` and ``counts`` are those of ``torch.unique(labels, return_inverse=True, return_counts=True)``."""
+    order = torch.argsort(inverse, stable=True)
+    max_n = int(counts.max())
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(max_n).expand(counts.numel(), max_n)
+    valid = slot < counts[:, None]
+    index = torch.where(valid, order[(starts[:, None] + slot).clamp(max=inverse.numel() - 1)], 0)
+    return index, valid
+
+
+def _stored_images(images: Tensor, device: torch.device, rotations: bool) -> Tensor:
+    """``images`` detached on ``device``; with ``rotations`` all four rotations are stored once (4x memory), so that a
+    rotated draw is one gather: row ``4 * i + k`` is example ``i`` rotated by ``k * 90`` degrees."""
+    example_shape = tuple(images.shape[1:])
+    images = images.detach().to(device)
+    if rotations:
+        images = torch.stack([torch.rot90(images, k, dims=(-2, -1)) for k in range(4)], dim=1)
+        images = images.reshape(-1, *example_shape)
+    return images
+
+
 class EpisodeSampler:
     """Draw meta-batches of ``ways``-way ``shots``-shot tasks (with ``queries`` query examples per class).
 
@@ -90,33 +145,11 @@ class EpisodeSampler:
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        if not isinstance(images, Tensor):
-            raise TypeError(f"{_NAME}: images must be a tensor (got {type(images).__name__})")
-        if not isinstance(labels, Tensor):
-            raise TypeError(f"{_NAME}: labels must be a tensor (got {type(labels).__name__})")
-        if images.dim() < 1 or labels.dim() != 1 or images.shape[0] != labels.shape[0]:
-            raise ValueError(
-                f"{_NAME}: labels must be 1-D with one label per image (got images of shape {tuple(images.shape)} "
-                f"and labels of shape {tuple(labels.shape)})"
-            )
-        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-            raise TypeError(f"{_NAME}: labels must hold integer class ids (got dtype {labels.dtype})")
-        if images.shape[0] == 0:
-            raise ValueError(f"{_NAME}: the data set is empty (images of shape {tuple(images.shape)})")
-        if not (images.is_floating_point() or images.dtype == torch.uint8):
-            raise TypeError(f"{_NAME}: images must be uint8 or floating point (got dtype {images.dtype})")
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise TypeError(f"{_NAME}: dtype must be a floating torch.dtype (got {dtype!r})")
+        _check_images_and_labels(images, labels, dtype)
         self.ways = _check_count(_NAME, "ways", ways, 1)
         self.shots = _check_count(_NAME, "shots", shots, 1)
         self.queries = _check_count(_NAME, "queries", queries, 1)
-        if not isinstance(rotations, bool):
-            raise TypeError(f"{_NAME}: rotations must be a bool (got {rotations!r})")
-        if rotations and (images.dim() < 3 or images.shape[-1] != images.shape[-2]):
-            raise ValueError(
-                f"{_NAME}: rotations=True needs square images (..., H, W) with H == W "
-                f"(got images of shape {tuple(images.shape)}); pass rotations=False"
-            )
+        _check_rotations(rotations, images)
         self.rotations = rotations
         self.dtype = dtype
         self.device = torch.device(device) if device is not None else images.device
@@ -130,25 +163,15 @@ class EpisodeSampler:
                 f"{' (with rotations)' if rotations else ''}; use ways <= {self.num_classes}"
             )
         self.class_ids = class_ids
-        # index[c, j] = position of the j-th example of class c (padded with 0 where a class has fewer examples).
-        order = torch.argsort(inverse, stable=True)
-        max_n = int(counts.max())
-        starts = torch.cumsum(counts, 0) - counts
-        slot = torch.arange(max_n).expand(num_base, max_n)
-        valid = slot < counts[:, None]
-        index = torch.where(valid, order[(starts[:, None] + slot).clamp(max=labels.numel() - 1)], 0)
+        index, valid = _class_index(inverse, counts)
         self._index = index.to(self.device)
         self._valid = valid.to(self.device)
         self._uniform = bool(valid.all())
-        self._max_n = max_n
+        self._max_n = int(counts.max())
         self.example_shape = tuple(images.shape[1:])
-        images = images.detach().to(self.device)
-        if rotations:  # all four rotations stored once (4x memory), so a rotated draw is one gather
-            images = torch.stack([torch.rot90(images, k, dims=(-2, -1)) for k in range(4)], dim=1)
-            images = images.reshape(-1, *self.example_shape)  # row 4 * i + k: example i rotated by k * 90 degrees
-        self.images = images
+        self.images = _stored_images(images, self.device, rotations)
         # rows as flat contiguous bytes: index_select copies whole rows (much faster than advanced indexing)
-        self._rows = images.reshape(images.shape[0], -1).contiguous()
+        self._rows = self.images.reshape(self.images.shape[0], -1).contiguous()
 
     def __repr__(self) -> str:
         return (f"EpisodeSampler(examples={self.images.shape[0]}, classes={self.num_classes}, ways={self.ways}, "
