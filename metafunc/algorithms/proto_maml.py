@@ -24,7 +24,7 @@ from metafunc.core.functional import thread_safe
 from metafunc.core.inner import inner_loop
 from metafunc.core.task_function import TaskFunction
 from metafunc.core.tree import selector_predicate, tree_detach, tree_straight_through
-from metafunc.core.types import Metrics, ModelFn, Params, Selector, Task
+from metafunc.core.types import AdaptFn, Metrics, ModelFn, Params, Selector, Task
 
 __all__ = ["proto_maml", "fo_proto_maml", "prototype_head", "HEAD_WEIGHT", "HEAD_BIAS"]
 
@@ -68,10 +68,30 @@ def _linear(features: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     return features @ weight.transpose(-1, -2) + bias
 
 
-def _proto_maml(name: str, encoder: ModelFn, *, inner_lr: float, head_lr: float | None, steps: int,
-                first_order: bool, two_pass: bool, ways: int | None, adapt: Selector,
-                query_chunk_size: int | None = None) -> MetaLearner:
-    check_model(encoder, name)
+def _encoder_params(params: Params) -> Params:
+    """The encoder's parameters: ``params`` without the output layer."""
+    return {k: v for k, v in params.items() if k not in _HEAD_KEYS}
+
+
+def _inner_lrs(theta: Params, inner_lr: float, head_lr: float) -> dict[str, float]:
+    """The inner loop's learning rates: ``head_lr`` on the output layer, ``inner_lr`` on the encoder ``theta``."""
+    return {k: (head_lr if k in _HEAD_KEYS else inner_lr) for k in (*theta, *_HEAD_KEYS)}
+
+
+def _rewrite(phi: Params, gamma: Params) -> Params:
+    """``phi = gamma + stopgrad(phi - gamma)`` on the output layer: same values, gradient into the prototypes."""
+    return tree_straight_through(gamma, phi)
+
+
+def _query_metrics(logits: Tensor, loss: Tensor, task: Task, support_losses: Tensor) -> Metrics:
+    metrics = task_metrics(logits, task.query_y, loss, True)
+    metrics["support_loss"] = support_losses[0]
+    return metrics
+
+
+def _check_options(name: str, *, inner_lr: float, head_lr: float | None, steps: int, first_order: bool,
+                   two_pass: bool, query_chunk_size: int | None) -> float:
+    """ProtoMAML's eager checks on its settings; returns the output layer's learning rate (``inner_lr`` if None)."""
     check_positive(name, "inner_lr", inner_lr)
     head_lr = check_positive(name, "head_lr", head_lr) if head_lr is not None else float(inner_lr)
     check_steps(name, "steps", steps)
@@ -86,114 +106,87 @@ def _proto_maml(name: str, encoder: ModelFn, *, inner_lr: float, head_lr: float 
         if not two_pass:
             raise ValueError(f"{name}: query_chunk_size={query_chunk_size} needs two_pass=True (got two_pass=False); "
                              "the single-graph path keeps the prototypes' graph alive for the whole query set")
-    resolve_ways = WaysResolver(name, check_ways(name, ways))
-    adapts_encoder = selector_predicate(adapt, name)
+    return head_lr
 
-    def encoder_params(params: Params) -> Params:
-        return {k: v for k, v in params.items() if k not in _HEAD_KEYS}
 
-    def head_of(theta: Params, x: Tensor, y: Tensor) -> dict[str, Tensor]:
-        weight, bias = prototype_head(encoder(theta, x), y, resolve_ways(y))
-        return {HEAD_WEIGHT: weight, HEAD_BIAS: bias}
+def _query_gradient(encoder: ModelFn, phi_encoder: Params, head: Params, task: Task,
+                    chunk_size: int | None) -> tuple[Params, Tensor, Tensor, Tensor]:
+    """Pass (a)'s query gradient w.r.t. the adapted encoder ``phi_encoder``, the output layer ``head`` held fixed;
+    with the query loss, the logits and the detached query features before the output layer.
 
-    def logits_of(phi: Params, x: Tensor) -> Tensor:
-        return _linear(encoder(encoder_params(phi), x), phi[HEAD_WEIGHT], phi[HEAD_BIAS])
+    The query loss is a mean over queries, so its gradient is the sum of the chunks' gradients of sum-over-chunk / n:
+    one chunk's graph at a time, ``chunk_size`` queries each (exact when the encoder treats each example on its own).
+    """
+    n_query = task.query_x.shape[0]
+    size = chunk_size or n_query
+    grads: Params = {}
+    parts: list[tuple[Tensor, ...]] = []
+    for start in range(0, n_query, size):
+        xq, yq = task.query_x[start:start + size], task.query_y[start:start + size]
 
-    def task_loss(phi: Params, x: Tensor, y: Tensor) -> Tensor:
-        return F.cross_entropy(logits_of(phi, x), y)
+        def query_loss(p: Params, xq: Tensor = xq, yq: Tensor = yq) -> tuple[Tensor, tuple[Tensor, ...]]:
+            features = encoder(p, xq)
+            logits = _linear(features, head[HEAD_WEIGHT], head[HEAD_BIAS])
+            part = F.cross_entropy(logits, yq, reduction="sum") / n_query
+            return part, (part.detach(), logits.detach(), features.detach())
 
-    inner = inner_loop(task_loss, steps=steps, first_order=first_order,
-                       adapt=lambda k: k in _HEAD_KEYS or adapts_encoder(k))
+        g, part = _gradient(query_loss, phi_encoder, has_aux=True)
+        grads = {k: grads[k] + g[k] for k in g} if grads else g
+        parts.append(part)
+    loss = torch.stack([part[0] for part in parts]).sum()
+    logits = torch.cat([part[1] for part in parts])
+    features = torch.cat([part[2] for part in parts])
+    return grads, loss, logits, features
 
-    def run_inner(theta: Params, gamma: Params, x: Tensor, y: Tensor, n_steps: int | None) -> tuple[Params, Tensor]:
-        """The inner loop from ``theta`` and the detached prototype head; the encoder is re-attached first order."""
-        lrs = {k: (head_lr if k in _HEAD_KEYS else inner_lr) for k in (*theta, *_HEAD_KEYS)}
-        start = {**(tree_detach(theta) if first_order else theta), **tree_detach(gamma)}
-        phi, losses = inner(start, x, y, lr=lrs, steps=n_steps)  # type: ignore[arg-type]
-        if first_order:  # d phi / d theta = I
-            phi = tree_straight_through(theta, phi)
-        return phi, losses
 
-    def rewrite(phi: Params, gamma: Params) -> Params:
-        """``phi = gamma + stopgrad(phi - gamma)`` on the output layer: same values, gradient into the prototypes."""
-        return tree_straight_through(gamma, phi)
-
-    def adapt_task(params: Params, x: Tensor, y: Tensor, *, steps: int | None = None) -> tuple[Params, Tensor]:
-        if steps is not None:
-            check_steps(name, "steps", steps)
-        theta = encoder_params(params)
-        gamma = head_of(theta, x, y)
-        phi, losses = run_inner(theta, gamma, x, y, steps)
-        return rewrite(phi, gamma), losses
-
-    def finish(logits: Tensor, loss: Tensor, task: Task, losses: Tensor) -> Metrics:
-        metrics = task_metrics(logits, task.query_y, loss, True)
-        metrics["support_loss"] = losses[0]
-        return metrics
-
-    def single_graph_loss(params: Params, task: Task) -> tuple[Tensor, Metrics]:
-        phi, losses = adapt_task(params, task.support_x, task.support_y)
-        logits = logits_of(phi, task.query_x)
-        loss = F.cross_entropy(logits, task.query_y)
-        return loss, finish(logits, loss, task, losses)
+def _two_pass_meta_loss(encoder: ModelFn, head_of: Callable[[Params, Tensor, Tensor], Params], inner: AdaptFn, *,
+                        inner_lr: float, head_lr: float,
+                        query_chunk_size: int | None) -> Callable[[Params, Task], tuple[Tensor, Metrics]]:
+    """fo-ProtoMAML's two-pass meta-loss (see :func:`fo_proto_maml`): its value is the query loss, its gradient
+    w.r.t. the encoder parameters the first-order meta-gradient, with one pass's graph alive at a time."""
 
     def two_pass_loss(params: Params, task: Task) -> tuple[Tensor, Metrics]:
-        theta = encoder_params(params)
+        theta = _encoder_params(params)
         theta0 = tree_detach(theta)
         # (a) prototypes without a graph, the inner loop, the query loss and its gradient w.r.t. the adapted
         # encoder; keep the detached query features before the output layer.
         with torch.no_grad():
             gamma0 = head_of(theta0, task.support_x, task.support_y)
         phi, losses = inner({**theta0, **gamma0}, task.support_x, task.support_y,
-                            lr={k: (head_lr if k in _HEAD_KEYS else inner_lr) for k in (*theta0, *_HEAD_KEYS)})
+                            lr=_inner_lrs(theta0, inner_lr, head_lr))
         phi = tree_detach(phi)
         head = {k: phi[k] for k in _HEAD_KEYS}
-
-        # The query loss is a mean over queries, so its gradient is the sum of the chunks' gradients of
-        # sum-over-chunk / n: one chunk's graph at a time (exact when the encoder treats each example on its own).
-        n_query = task.query_x.shape[0]
-        size = query_chunk_size or n_query
-        phi_encoder = encoder_params(phi)
-        grads_a: Params = {}
-        parts: list[tuple[Tensor, ...]] = []
-        for start in range(0, n_query, size):
-            xq, yq = task.query_x[start:start + size], task.query_y[start:start + size]
-
-            def query_loss(p: Params, xq: Tensor = xq, yq: Tensor = yq) -> tuple[Tensor, tuple[Tensor, ...]]:
-                features = encoder(p, xq)
-                logits = _linear(features, head[HEAD_WEIGHT], head[HEAD_BIAS])
-                part = F.cross_entropy(logits, yq, reduction="sum") / n_query
-                return part, (part.detach(), logits.detach(), features.detach())
-
-            g, part = _gradient(query_loss, phi_encoder, has_aux=True)
-            grads_a = {k: grads_a[k] + g[k] for k in g} if grads_a else g
-            parts.append(part)
-        loss = torch.stack([part[0] for part in parts]).sum()
-        logits = torch.cat([part[1] for part in parts])
-        features = torch.cat([part[2] for part in parts])
+        grads_a, loss, logits, features = _query_gradient(encoder, _encoder_params(phi), head, task,
+                                                          query_chunk_size)
 
         # (b) the prototypes again, with a graph on the base encoder; the rewrite; the stored features through
         # the output layer; backpropagate into the base encoder.
         def prototype_loss(theta_: Params) -> Tensor:
-            adapted = rewrite(head, head_of(theta_, task.support_x, task.support_y))
+            adapted = _rewrite(head, head_of(theta_, task.support_x, task.support_y))
             return F.cross_entropy(_linear(features, adapted[HEAD_WEIGHT], adapted[HEAD_BIAS]), task.query_y)
 
         grads_b = _gradient(prototype_loss, theta0)
         # A loss whose value is the query loss and whose gradient w.r.t. theta is grads_a + grads_b.
         surrogate = loss + sum(((grads_a[k] + grads_b[k]) * (theta[k] - theta0[k])).sum() for k in theta)
-        return surrogate, finish(logits, loss, task, losses)
+        return surrogate, _query_metrics(logits, loss, task, losses)
 
-    meta_loss = two_pass_loss if two_pass else single_graph_loss
+    return two_pass_loss
+
+
+def _proto_learner(name: str, encoder: ModelFn, *, ways: WaysResolver,
+                   adapt: Callable[..., tuple[Params, Tensor]], logits_of: Callable[[Params, Tensor], Tensor],
+                   meta_loss: Callable[[Params, Task], tuple[Tensor, Metrics]], second_order: bool) -> MetaLearner:
+    """ProtoMAML's :class:`MetaLearner` from its per-task pieces: evaluation, prediction and the eager checks."""
 
     def per_task(params: Params, task: Task) -> tuple[Tensor, Metrics]:
         return meta_loss(params, task)
 
     def evaluate(params: Params, task: Task, *, steps: int | None = None) -> tuple[Tensor, Metrics]:
-        phi, losses = adapt_task(tree_detach(params), task.support_x, task.support_y, steps=steps)
+        phi, losses = adapt(tree_detach(params), task.support_x, task.support_y, steps=steps)
         with torch.no_grad():
             logits = logits_of(tree_detach(phi), task.query_x)
             loss = F.cross_entropy(logits, task.query_y)
-        return loss, finish(logits, loss, task, losses)
+        return loss, _query_metrics(logits, loss, task, losses)
 
     def predict(task_params: Params, x: Tensor) -> Tensor:
         missing = [k for k in _HEAD_KEYS if k not in task_params]
@@ -201,8 +194,7 @@ def _proto_maml(name: str, encoder: ModelFn, *, inner_lr: float, head_lr: float 
             raise ValueError(f"{name}: predict needs the task parameters returned by adapt (missing {missing})")
         return logits_of(task_params, x)
 
-    second_order = not first_order
-    encoder_checks = metric_checks(caller=name, encoder=encoder, ways=resolve_ways, encoder_params=encoder_params,
+    encoder_checks = metric_checks(caller=name, encoder=encoder, ways=ways, encoder_params=_encoder_params,
                                    second_order=second_order)
 
     def validate(params: Params, tasks: Task, vmapped: bool = True, batched: bool = True) -> None:
@@ -215,10 +207,61 @@ def _proto_maml(name: str, encoder: ModelFn, *, inner_lr: float, head_lr: float 
     def safe() -> bool:
         return thread_safe(encoder)
 
-    return MetaLearner(name=name, init=lambda p: dict(p), adapt=adapt_task,
+    return MetaLearner(name=name, init=lambda p: dict(p), adapt=adapt,
                        meta_loss=TaskFunction(per_task, validate=validate, thread_safe=safe, name=f"{name}_meta_loss"),
                        evaluate=TaskFunction(evaluate, validate=validate, thread_safe=safe, name=f"{name}_evaluate"),
                        predict=predict, second_order=second_order, model=encoder)
+
+
+def _proto_maml(name: str, encoder: ModelFn, *, inner_lr: float, head_lr: float | None, steps: int,
+                first_order: bool, two_pass: bool, ways: int | None, adapt: Selector,
+                query_chunk_size: int | None = None) -> MetaLearner:
+    check_model(encoder, name)
+    head_lr = _check_options(name, inner_lr=inner_lr, head_lr=head_lr, steps=steps, first_order=first_order,
+                             two_pass=two_pass, query_chunk_size=query_chunk_size)
+    resolve_ways = WaysResolver(name, check_ways(name, ways))
+    adapts_encoder = selector_predicate(adapt, name)
+
+    def head_of(theta: Params, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        weight, bias = prototype_head(encoder(theta, x), y, resolve_ways(y))
+        return {HEAD_WEIGHT: weight, HEAD_BIAS: bias}
+
+    def logits_of(phi: Params, x: Tensor) -> Tensor:
+        return _linear(encoder(_encoder_params(phi), x), phi[HEAD_WEIGHT], phi[HEAD_BIAS])
+
+    def task_loss(phi: Params, x: Tensor, y: Tensor) -> Tensor:
+        return F.cross_entropy(logits_of(phi, x), y)
+
+    inner = inner_loop(task_loss, steps=steps, first_order=first_order,
+                       adapt=lambda k: k in _HEAD_KEYS or adapts_encoder(k))
+
+    def adapt_task(params: Params, x: Tensor, y: Tensor, *, steps: int | None = None) -> tuple[Params, Tensor]:
+        """The prototype head ``gamma``, the inner loop from ``theta`` and the detached ``gamma`` (the encoder
+        re-attached with ``d phi / d theta = I`` when first order), then the rewrite of the output layer."""
+        if steps is not None:
+            check_steps(name, "steps", steps)
+        theta = _encoder_params(params)
+        gamma = head_of(theta, x, y)
+        lrs = _inner_lrs(theta, inner_lr, head_lr)
+        start = {**(tree_detach(theta) if first_order else theta), **tree_detach(gamma)}
+        phi, losses = inner(start, x, y, lr=lrs, steps=steps)
+        if first_order:  # d phi / d theta = I
+            phi = tree_straight_through(theta, phi)
+        return _rewrite(phi, gamma), losses
+
+    def single_graph_loss(params: Params, task: Task) -> tuple[Tensor, Metrics]:
+        phi, losses = adapt_task(params, task.support_x, task.support_y)
+        logits = logits_of(phi, task.query_x)
+        loss = F.cross_entropy(logits, task.query_y)
+        return loss, _query_metrics(logits, loss, task, losses)
+
+    if two_pass:
+        meta_loss = _two_pass_meta_loss(encoder, head_of, inner, inner_lr=inner_lr, head_lr=head_lr,
+                                        query_chunk_size=query_chunk_size)
+    else:
+        meta_loss = single_graph_loss
+    return _proto_learner(name, encoder, ways=resolve_ways, adapt=adapt_task, logits_of=logits_of,
+                          meta_loss=meta_loss, second_order=not first_order)
 
 
 def proto_maml(encoder: ModelFn, *, inner_lr: float = 0.1, head_lr: float | None = None, steps: int = 1,
