@@ -131,6 +131,13 @@ CASES: list[LearnerCase] = [
                 mlp_module(norm="layer"), regression_tasks()),
     LearnerCase("reptile-mlp-sinusoid", lambda m: reptile(m, inner_lr=0.05, steps=3, loss="mse"), mlp_module(),
                 regression_tasks()),
+    LearnerCase("reptile-minibatch-conv4-batchnorm", lambda m: reptile(m, inner_lr=0.3, steps=3, inner_batch_size=4),
+                conv4_module(), classification_tasks()),
+    # Adam normalises each gradient entry, so it is checked on a model without parameters whose gradient is 0 in
+    # theory (a bias right before BatchNorm), where it would scale rounding noise up to a step.
+    LearnerCase("reptile-adam-minibatch-layernorm-mlp-xent", lambda m: reptile(
+        m, inner_lr=0.01, steps=3, inner_optimizer="adam", inner_batch_size=4), mlp_module(
+        in_features=4, out_features=3, norm="layer"), feature_tasks()),
 ]
 """Every case the contract suite runs; append one line to add an algorithm."""
 
@@ -148,6 +155,10 @@ CASES += [
     LearnerCase("matching_net-layernorm-mlp", lambda m: matching_net(m), _LN_ENCODER, feature_tasks()),
     LearnerCase("matching_net-fce-layernorm-mlp", lambda m: matching_net(m, fce=True, feature_dim=5), _LN_ENCODER,
                 feature_tasks()),
+    LearnerCase("matching_net-squared_euclidean-learned_t-conv4-batchnorm", lambda m: matching_net(
+        m, distance="squared_euclidean", temperature=4.0, learn_temperature=True), conv4_module(), classification_tasks()),
+    LearnerCase("matching_net-cosine-learned_t-fce-layernorm-mlp", lambda m: matching_net(
+        m, learn_temperature=True, temperature=0.5, fce=True, feature_dim=5), _LN_ENCODER, feature_tasks()),
     LearnerCase("proto_maml-layernorm-mlp", lambda m: proto_maml(m, inner_lr=0.3, head_lr=0.5, steps=2), _LN_ENCODER,
                 feature_tasks()),
     LearnerCase("fo_proto_maml-layernorm-mlp", lambda m: fo_proto_maml(m, inner_lr=0.3, steps=2), _LN_ENCODER,
