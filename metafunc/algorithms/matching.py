@@ -1,23 +1,31 @@
-"""Matching Networks (Vinyals et al., 2016): cosine attention over the embedded support set, with optional full
-context embeddings (a bidirectional LSTM over the support set and an attention LSTM over each query)."""
+"""Matching Networks (Vinyals et al., 2016): attention over the embedded support set (cosine similarity or negative
+squared Euclidean distance, over a fixed or learned temperature), with optional full context embeddings (a
+bidirectional LSTM over the support set and an attention LSTM over each query)."""
 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from metafunc._shared import check_positive, check_steps
-from metafunc.algorithms._metric import WaysResolver, check_ways, metric_objectives, one_hot
+from metafunc._shared import check_choice, check_positive, check_steps
+from metafunc.algorithms._metric import WaysResolver, check_ways, metric_objectives, one_hot, squared_distances
 from metafunc.algorithms.base import MetaLearner, check_model, task_metrics
 from metafunc.core.types import Metrics, ModelFn, Params, Task
 
-__all__ = ["matching_net", "FCE_PREFIX", "SUPPORT_FEATURES_KEY", "SUPPORT_LABELS_KEY"]
+__all__ = ["matching_net", "FCE_PREFIX", "LOG_TEMPERATURE_KEY", "SUPPORT_FEATURES_KEY", "SUPPORT_LABELS_KEY",
+           "DISTANCES"]
 
 FCE_PREFIX = "fce/"
 """Full-context-embedding LSTM parameters live under ``"fce/"`` in the meta-parameters (made by ``learner.init``)."""
+LOG_TEMPERATURE_KEY = "matching/log_temperature"
+"""``matching_net(learn_temperature=True)`` keeps the log of its temperature under this key in the meta-parameters
+(a scalar made by ``learner.init`` from ``temperature``), so the outer optimizer learns it."""
+DISTANCES = ("cosine", "squared_euclidean")
+"""``matching_net``'s ``distance=``: cosine similarity (the paper's) or negative squared Euclidean distance."""
 SUPPORT_FEATURES_KEY = "support/features"
 """``matching_net``'s ``adapt`` stores the (context-)embedded support set under this key."""
 SUPPORT_LABELS_KEY = "support/labels"
@@ -64,14 +72,38 @@ def _context_query(p: Params, z: Tensor, support: Tensor, steps: int) -> Tensor:
     return h
 
 
-def matching_net(encoder: ModelFn, *, ways: int | None = None, temperature: float = 1.0, fce: bool = False,
-                 feature_dim: int | None = None, fce_steps: int = 2, fce_seed: int = 0) -> MetaLearner:
+def _similarities(query: Tensor, support: Tensor, distance: str) -> Tensor:
+    """``(queries, support)`` similarities: cosines, or negative squared Euclidean distances."""
+    if distance == "cosine":
+        return F.normalize(query, dim=-1) @ F.normalize(support, dim=-1).T
+    return -squared_distances(query, support)
+
+
+def _class_log_probs(logits: Tensor, onehot: Tensor) -> Tensor:
+    """``log(softmax(logits) @ onehot)``, ``(queries, ways)``, computed as a log-sum-exp over each class's support
+    examples minus one over all of them, so that far-away classes (large squared distances) give finite log
+    probabilities instead of ``log(0)``. Every class has a support example (checked eagerly)."""
+    mask = torch.zeros_like(onehot).masked_fill(onehot == 0, float("-inf"))  # log(onehot)
+    per_class = torch.logsumexp(logits.unsqueeze(-1) + mask, dim=-2)
+    return per_class - torch.logsumexp(logits, dim=-1, keepdim=True)
+
+
+def matching_net(encoder: ModelFn, *, ways: int | None = None, temperature: float = 1.0,
+                 distance: Literal["cosine", "squared_euclidean"] = "cosine", learn_temperature: bool = False,
+                 fce: bool = False, feature_dim: int | None = None, fce_steps: int = 2,
+                 fce_seed: int = 0) -> MetaLearner:
     """Matching Networks (Vinyals et al., 2016): a query's class distribution is the softmax attention over the
-    support set (cosine similarity divided by ``temperature``) applied to the support labels.
+    support set (a similarity divided by ``temperature``) applied to the support labels.
 
     ``encoder(params, x) -> (examples, features)`` is pure. ``meta_loss`` is the query negative log-likelihood of
-    that distribution. ``fce=True`` adds full context embeddings: the support set goes through a bidirectional LSTM
-    (in the order given) and each query through an attention LSTM with ``fce_steps`` reads; their parameters
+    that distribution. ``distance="cosine"`` (the paper's) attends with cosine similarities, which lie in [0, 1] for
+    ReLU features, so a small ``temperature`` (e.g. 0.1) is needed for a sharp attention; ``"squared_euclidean"``
+    attends with ``-||f(x) - g(x_i)||^2`` (the distance with which Matching Networks were reproduced where the cosine
+    failed). ``learn_temperature=True`` makes the temperature a meta-parameter: ``learner.init(params)`` adds its log,
+    starting at ``log(temperature)``, under :data:`LOG_TEMPERATURE_KEY`, and the outer optimizer updates it.
+    ``fce=True`` adds full context embeddings: the support set goes through a bidirectional LSTM
+    (in the order given) and each query through an attention LSTM with ``fce_steps`` reads (dot-product attention,
+    as in the paper, whatever ``distance``); their parameters
     (``feature_dim`` wide, drawn from ``fce_seed``) are added by ``learner.init(params)`` under ``"fce/"``.
 
     Example:
@@ -89,8 +121,10 @@ def matching_net(encoder: ModelFn, *, ways: int | None = None, temperature: floa
     check_model(encoder, name)
     resolve_ways = WaysResolver(name, check_ways(name, ways))
     check_positive(name, "temperature", temperature)
-    if not isinstance(fce, bool):
-        raise TypeError(f"{name}: fce must be a bool (got {fce!r})")
+    check_choice(name, "distance", distance, DISTANCES)
+    for flag, value in (("fce", fce), ("learn_temperature", learn_temperature)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name}: {flag} must be a bool (got {value!r})")
     if fce:
         if feature_dim is None:
             raise ValueError(f"{name}: fce=True needs feature_dim= (the encoder's output width) to build the LSTMs")
@@ -98,13 +132,16 @@ def matching_net(encoder: ModelFn, *, ways: int | None = None, temperature: floa
         check_steps(name, "fce_steps", fce_steps)
 
     def encoder_params(params: Params) -> Params:
-        return {k: v for k, v in params.items() if not k.startswith((FCE_PREFIX, "support/"))}
+        return {k: v for k, v in params.items() if not k.startswith((FCE_PREFIX, "support/")) and k != LOG_TEMPERATURE_KEY}
 
     def init(params: Params) -> Params:
         params = dict(params)
+        ref = next(iter(params.values()))
+        if learn_temperature:
+            log_t = torch.tensor(math.log(temperature), dtype=ref.dtype, device=ref.device)
+            params[LOG_TEMPERATURE_KEY] = log_t.requires_grad_(True)
         if not fce:
             return params
-        ref = next(iter(params.values()))
         generator = torch.Generator().manual_seed(fce_seed)
         bound = 1.0 / math.sqrt(feature_dim)  # type: ignore[arg-type]
         for key, units in _FCE_SHAPES.items():
@@ -114,6 +151,9 @@ def matching_net(encoder: ModelFn, *, ways: int | None = None, temperature: floa
         return params
 
     def check_fce(params: Params) -> None:
+        if learn_temperature and LOG_TEMPERATURE_KEY not in params:
+            raise ValueError(f"{name}: learn_temperature=True but the meta-parameters lack {LOG_TEMPERATURE_KEY!r}; "
+                             "build them with learner.init(params)")
         if fce:
             missing = [FCE_PREFIX + k for k in _FCE_SHAPES if FCE_PREFIX + k not in params]
             if missing:
@@ -130,9 +170,12 @@ def matching_net(encoder: ModelFn, *, ways: int | None = None, temperature: floa
     def log_probs(params: Params, support: Tensor, onehot: Tensor, query: Tensor) -> Tensor:
         if fce:
             query = _context_query(params, query, support, fce_steps)
-        cosine = F.normalize(query, dim=-1) @ F.normalize(support, dim=-1).T
-        attention = torch.softmax(cosine / temperature, dim=-1)
-        return torch.log(attention @ onehot)
+        similarity = _similarities(query, support, distance)
+        if learn_temperature:
+            logits = similarity * torch.exp(-params[LOG_TEMPERATURE_KEY])
+        else:
+            logits = similarity / temperature
+        return _class_log_probs(logits, onehot)
 
     def adapt(params: Params, x: Tensor, y: Tensor, *, steps: int | None = None) -> tuple[Params, Tensor]:
         check_fce(params)
