@@ -48,9 +48,10 @@ from metafunc.gradients.one_step import one_step
 __all__ = ["LearnerSpec", "LearnerOption", "LEARNERS", "register_learner", "path_names", "learner_for_path",
            "COMMON_OPTIONS"]
 
-COMMON_OPTIONS = ("inner_lr", "steps", "loss", "ways")
+COMMON_OPTIONS = ("inner_lr", "steps", "loss", "ways", "epoch")
 """Options every trainer sets from its own settings (``--inner-lr``, ``--inner-steps``, the dataset's loss,
-``--ways``); a factory takes those of them it declares. Every other keyword of a factory is a learner option."""
+``--ways``, and the training epoch, ``iteration // --epoch-length``, for learners annealed by epoch such as MAML++);
+a factory takes those of them it declares. Every other keyword of a factory is a learner option."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -123,12 +123,13 @@ def test_resolve_config_runs_once_for_a_resolved_config():
 
 def test_validation_at_other_shots_than_training(tmp_path):
     from metafunc.train import TrainConfig, build_experiment, resolve_config, train
-    cfg = resolve_config(TrainConfig(dataset="synthetic", ways=3, shots=4, val_shots=1, queries=2, width=8,
-                                     iterations=2, val_every=1, out=str(tmp_path)))
+    cfg = resolve_config(TrainConfig(dataset="synthetic", ways=3, shots=4, val_shots=1, queries=2, val_queries=5,
+                                     width=8, iterations=2, val_every=1, out=str(tmp_path)))
     exp = build_experiment(cfg)
     gen = torch.Generator().manual_seed(0)
     assert exp.sources["train"].sample(2, gen).support_x.shape[1] == 3 * 4
     assert exp.sources["val"].sample(2, gen).support_x.shape[1] == 3 * 1
+    assert exp.sources["val"].sample(2, gen).query_x.shape[1] == 3 * 5
     assert exp.sources["test"].sample(2, gen).support_x.shape[1] == 3 * 4
     result = train(cfg, progress=False)
     assert [r["iteration"] for r in result.records if r["split"] == "val"] == [1, 2]
@@ -143,3 +144,29 @@ def test_cosine_outer_lr_schedule_reaches_the_optimizer(tmp_path):
     lr = load_checkpoint(tmp_path / "checkpoint.pt")["optimizer"]["param_groups"][0]["lr"]
     floor = COSINE_FLOOR * 0.01
     assert abs(lr - (floor + (0.01 - floor) * 0.5 * (1 + math.cos(math.pi * 2 / 3)))) < 1e-12   # step 3 used i=2
+
+
+def test_maml_plus_plus_is_rebuilt_at_each_epoch_and_a_resumed_run_continues_in_its_epoch(tmp_path, monkeypatch):
+    import dataclasses
+    import functools
+
+    from metafunc import LEARNERS
+    from metafunc.train import TrainConfig, train
+
+    spec, epochs = LEARNERS["maml_plus_plus"], []
+
+    @functools.wraps(spec.factory)
+    def spy(model, **options):
+        epochs.append(options.get("epoch"))
+        return spec.factory(model, **options)
+
+    monkeypatch.setitem(LEARNERS, "maml_plus_plus", dataclasses.replace(spec, factory=spy))
+    cfg = dict(dataset="synthetic", algorithm="maml_plus_plus", width=8, inner_steps=2, epoch_length=2,
+               val_every=0, val_episodes=4, out=str(tmp_path), options={"first_order_epochs": 1})
+    train(TrainConfig(iterations=5, **cfg), progress=False, stop_after=3)
+    assert [e for e in epochs if e is not None] == [0, 1]          # iterations 1-2 in epoch 0, 3 in epoch 1
+    epochs.clear()
+    train(TrainConfig(iterations=5, **cfg), resume=True, progress=False)
+    assert [e for e in epochs if e is not None] == [1, 2]          # resumed at iteration 3: epoch 1, then 2
+    with pytest.raises(ValueError, match="takes no option"):
+        train(TrainConfig(iterations=5, **{**cfg, "options": {"epoch": 3}}), overwrite=True, progress=False)

@@ -81,6 +81,8 @@ def _add_episode_and_optimiser_flags(t: argparse.ArgumentParser) -> None:
     t.add_argument("--shots", type=int, help="support examples per class (sinusoid: support points K, default 10)")
     t.add_argument("--val-shots", type=int, help="support examples per class of the validation tasks (default "
                                                  "--shots; Reptile trains at more shots than it is tested at)")
+    t.add_argument("--val-queries", type=int, help="query examples per class of the validation tasks (default "
+                                                   "--queries)")
     t.add_argument("--queries", type=int, help="query examples per class (omniglot default 15)")
     t.add_argument("--meta-batch", type=int, help="tasks per meta-step (sinusoid 25, omniglot 32)")
     t.add_argument("--inner-steps", type=int, help="inner SGD steps in training (default 1)")
@@ -93,6 +95,8 @@ def _add_episode_and_optimiser_flags(t: argparse.ArgumentParser) -> None:
     t.add_argument("--outer-lr-schedule", choices=("constant", "linear", "cosine"),
                    help="constant (default); linear: anneal --outer-lr to 0 over the run (over --time-budget when "
                         "given), as Reptile does; cosine: along half a cosine to 1%% of it, as MAML++ does")
+    t.add_argument("--epoch-length", type=int, help="meta-iterations per epoch of learners annealed by epoch "
+                                                    "(MAML++'s multi-step loss and derivative order; default 500)")
     t.add_argument("--iterations", "--steps", dest="iterations", type=int,
                    help="meta-iterations (sinusoid 70000, the MAML paper's budget; omniglot 2000)")
     t.add_argument("--val-every", type=int, help="validate every N iterations (0: only at the end)")

@@ -16,7 +16,7 @@ from metafunc._shared import atomic_write_text, strict_json
 from metafunc.train.checkpoint import save_checkpoint
 from metafunc.train.fit import FitState
 
-__all__ = ["STOP_SIGNALS", "StopOnSignal", "AgreeAcrossRanks", "Validation", "MetricsLog", "ProgressBar",
+__all__ = ["STOP_SIGNALS", "EpochSchedule", "StopOnSignal", "AgreeAcrossRanks", "Validation", "MetricsLog", "ProgressBar",
            "Checkpointer", "Barrier"]
 
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR1") if hasattr(signal, name))
@@ -250,3 +250,32 @@ class Barrier:
     def after_step(self, state: FitState) -> None:
         if state.failing or (state.stop is not None and not state.final):
             self.barrier()
+
+
+class EpochSchedule:
+    """Tells a step that depends on the training epoch (``step.set_epoch(epoch)``, e.g.
+    :class:`metafunc.train.loop.EpochAnnealedStep` for MAML++) the epoch of the next meta-step: iteration // ``every``
+    (before the first step too, so a resumed run continues in its epoch).
+
+    Example:
+        >>> import torch
+        >>> class Seen:
+        ...     epochs = []
+        ...     def set_epoch(self, epoch): self.epochs.append(epoch)
+        >>> p = {"w": torch.zeros(1, requires_grad=True)}
+        >>> state = FitState(params=p, optimizer=torch.optim.SGD(p.values(), lr=0.1), generator=torch.Generator(),
+        ...                  iterations=9, iteration=4)
+        >>> schedule = EpochSchedule(Seen(), every=3)
+        >>> schedule.start(state); state.iteration = 6; schedule.after_step(state)
+        >>> Seen.epochs
+        [1, 2]
+    """
+
+    def __init__(self, step: Any, *, every: int) -> None:
+        self.step, self.every = step, every
+
+    def start(self, state: FitState) -> None:
+        self.step.set_epoch(state.iteration // self.every)
+
+    def after_step(self, state: FitState) -> None:
+        self.step.set_epoch(state.iteration // self.every)

@@ -60,6 +60,8 @@ class TrainConfig:
     val_shots: int | None = None
     """Support examples per class of the validation tasks (default: ``shots``; Reptile trains at more shots than it
     is tested at)."""
+    val_queries: int | None = None
+    """Query examples per class of the validation tasks (default: ``queries``)."""
     shots: int | None = None
     queries: int | None = None
     meta_batch: int | None = None
@@ -96,6 +98,8 @@ class TrainConfig:
     """The meta-update: ``"adam"`` or ``"sgd"`` (:data:`OUTER_OPTIMIZERS`)."""
     outer_lr_schedule: str = "constant"
     """``"constant"`` or ``"linear"`` (annealed to 0 over the run; :data:`OUTER_LR_SCHEDULES`)."""
+    epoch_length: int = 500
+    """Meta-iterations per epoch, for learners annealed by epoch (MAML++: 500, as the authors' configs)."""
     download: bool = False
     """Fetch the dataset's files into ``data_root`` first when missing (datasets whose factory takes ``download``)."""
 
@@ -196,7 +200,7 @@ def _check_numbers(cfg: ResolvedConfig) -> None:
         check_steps("train", name, getattr(cfg, name), minimum=0)
     for name in ("inner_lr", "outer_lr"):
         check_positive("train", name, getattr(cfg, name))
-    for name in ("chunk_size", "threads", "val_ways", "val_shots"):
+    for name in ("chunk_size", "threads", "val_ways", "val_shots", "val_queries"):
         if getattr(cfg, name) is not None:
             check_steps("train", name, getattr(cfg, name), minimum=2 if name == "val_ways" else 1)
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
@@ -204,6 +208,7 @@ def _check_numbers(cfg: ResolvedConfig) -> None:
     if cfg.time_budget is not None:
         check_positive("train", "time_budget", cfg.time_budget)
     check_steps("train", "max_nonfinite", cfg.max_nonfinite)
+    check_steps("train", "epoch_length", cfg.epoch_length)
 
 
 def _check_choices(cfg: ResolvedConfig) -> None:

@@ -74,8 +74,9 @@ def build_sources(cfg: ResolvedConfig) -> Mapping[str, TaskSource]:
     settings = {k: v for k, v in settings.items() if k != "root" or root is not None}
     sources = spec.build(**settings)
     wraps: dict[str, Callable[[], TaskSource]] = {}
-    if cfg.val_shots is not None and cfg.val_shots != cfg.shots:   # e.g. Reptile: trains at more shots than it tests
-        wraps["val"] = lambda: spec.build(**{**settings, "shots": cfg.val_shots})["val"]
+    val = {k: v for k, v in (("shots", cfg.val_shots), ("queries", cfg.val_queries)) if v is not None}
+    if val and any(val[k] != settings[k] for k in val):   # e.g. Reptile: trains at more shots than it tests
+        wraps["val"] = lambda: spec.build(**{**settings, **val})["val"]
     if cfg.augment:
         from metafunc.data import AugmentedSource
         padding = 4 if (spec.image_size or 28) <= 32 else 8

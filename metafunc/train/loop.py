@@ -47,6 +47,7 @@ from metafunc.train.callbacks import (
     AgreeAcrossRanks,
     Barrier,
     Checkpointer,
+    EpochSchedule,
     MetricsLog,
     ProgressBar,
     StopOnSignal,
@@ -62,7 +63,7 @@ from metafunc.train.plots import plot_learning_curve
 __all__ = ["TrainResult", "train", "default_is_main", "checkpoint_state", "restore_checkpoint", "trainer_step",
            "NonFiniteError", "Preempted", "EXIT_NONFINITE", "EXIT_PREEMPTED", "EXIT_CHECKPOINT", "STOP_SIGNALS",
            "nonfinite_quantity", "outer_optimizer", "outer_lr_at", "run_fraction", "COSINE_FLOOR", "RUN_FILES",
-           "run_callbacks"]
+           "run_callbacks", "EpochAnnealedStep"]
 
 EXIT_NONFINITE = 3
 """``metafunc train``'s exit status when the meta-loss or meta-gradient stopped being finite."""
@@ -75,9 +76,36 @@ RUN_FILES = ("checkpoint.pt", "checkpoint.prev.pt", "metrics.jsonl", "config.jso
 """The files a run writes into its ``out`` folder; ``overwrite=True`` removes them before a new run starts."""
 
 
+class EpochAnnealedStep:
+    """The meta-step of a learner that is a function of the training epoch (MAML++'s annealed multi-step loss and
+    derivative order): ``build(epoch) -> MetaStep``, rebuilt when :meth:`set_epoch` moves to another epoch.
+
+    Example:
+        >>> built = []
+        >>> step = EpochAnnealedStep(lambda epoch: built.append(epoch) or (lambda params, tasks: epoch))
+        >>> step.set_epoch(0); step.set_epoch(2); step(None, None), built
+        (2, [0, 2])
+    """
+
+    def __init__(self, build: Callable[[int], MetaStep]) -> None:
+        self.build, self.epoch = build, -1
+        self.step: MetaStep | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.step, self.epoch = self.build(epoch), epoch
+
+    def __call__(self, params: Params, tasks: Any) -> Any:
+        if self.step is None:   # never told an epoch: the first
+            self.set_epoch(0)
+        return self.step(params, tasks)  # type: ignore[misc]
+
+
 def trainer_step(exp: Experiment, cfg: ResolvedConfig) -> MetaStep:
     """The meta-step ``metafunc train`` takes: :func:`metafunc.meta_value_and_grad` of the run's learner with the
-    run's ``mode`` and ``chunk_size`` (a task or a chunk differentiated as soon as it has run).
+    run's ``mode`` and ``chunk_size`` (a task or a chunk differentiated as soon as it has run); for a learner whose
+    factory takes ``epoch`` (MAML++), an :class:`EpochAnnealedStep` that the trainer moves every ``epoch_length``
+    iterations.
 
     Example:
         >>> exp = build_experiment(resolve_config(TrainConfig(dataset="synthetic", width=8)))
@@ -86,7 +114,11 @@ def trainer_step(exp: Experiment, cfg: ResolvedConfig) -> MetaStep:
         >>> sorted(grads) == sorted(exp.params)
         True
     """
-    return meta_value_and_grad(exp.learner, mode=cfg.mode, chunk_size=cfg.chunk_size)  # type: ignore[arg-type]
+    spec = LEARNERS[cfg.algorithm]
+    if not spec.accepts("epoch"):
+        return meta_value_and_grad(exp.learner, mode=cfg.mode, chunk_size=cfg.chunk_size)  # type: ignore[arg-type]
+    return EpochAnnealedStep(lambda epoch: meta_value_and_grad(  # type: ignore[arg-type]
+        spec.build(exp.model, **{**learner_options(cfg), "epoch": epoch}), mode=cfg.mode, chunk_size=cfg.chunk_size))
 
 
 def default_is_main() -> bool:
@@ -386,11 +418,13 @@ def train(config: TrainConfig, *, resume: bool | str | os.PathLike = False, over
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.json", strict_json(cfg.to_dict(), indent=2) + "\n")
-    step = trainer_step(exp, cfg) if wrap_step is None else wrap_step(trainer_step(exp, cfg))
+    step = trainer_step(exp, cfg)
+    epochs = [EpochSchedule(step, every=cfg.epoch_length)] if isinstance(step, EpochAnnealedStep) else []
     t0 = time.perf_counter()
-    fit(step, source, state, meta_batch=cfg.meta_batch, time_budget=cfg.time_budget,
-        callbacks=run_callbacks(cfg, exp, out, is_main=is_main, progress=progress, sync_flag=sync_flag,
-                                barrier=barrier, seconds_before=seconds, initial=state.iteration),
+    fit(step if wrap_step is None else wrap_step(step), source, state, meta_batch=cfg.meta_batch,
+        time_budget=cfg.time_budget, callbacks=epochs + run_callbacks(
+            cfg, exp, out, is_main=is_main, progress=progress, sync_flag=sync_flag, barrier=barrier,
+            seconds_before=seconds, initial=state.iteration),
         lr_at=None if cfg.outer_lr_schedule == "constant" else lambda it, secs: outer_lr_at(cfg, it, secs),
         on_nonfinite=cfg.on_nonfinite, max_nonfinite=cfg.max_nonfinite,  # type: ignore[arg-type]
         nonfinite_advice=f"Lower --outer-lr or --inner-lr (now {cfg.outer_lr:g} and {cfg.inner_lr:g}), or pass "
