@@ -5,7 +5,8 @@ bidirectional LSTM over the support set and an attention LSTM over each query)."
 from __future__ import annotations
 
 import math
-from typing import Literal
+from dataclasses import dataclass
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -88,6 +89,148 @@ def _class_log_probs(logits: Tensor, onehot: Tensor) -> Tensor:
     return per_class - torch.logsumexp(logits, dim=-1, keepdim=True)
 
 
+@dataclass(frozen=True)
+class _Options:
+    """``matching_net``'s settings, as given (checked by :func:`_check_options`)."""
+
+    temperature: float
+    distance: str
+    learn_temperature: bool
+    fce: bool
+    feature_dim: int | None
+    fce_steps: int
+    fce_seed: int
+
+
+def _check_options(name: str, options: _Options) -> None:
+    """``matching_net``'s eager checks on its settings (before any transform runs)."""
+    check_positive(name, "temperature", options.temperature)
+    check_choice(name, "distance", options.distance, DISTANCES)
+    for flag, value in (("fce", options.fce), ("learn_temperature", options.learn_temperature)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name}: {flag} must be a bool (got {value!r})")
+    if options.fce:
+        if options.feature_dim is None:
+            raise ValueError(f"{name}: fce=True needs feature_dim= (the encoder's output width) to build the LSTMs")
+        check_steps(name, "feature_dim", options.feature_dim)
+        check_steps(name, "fce_steps", options.fce_steps)
+
+
+def _encoder_params(params: Params) -> Params:
+    """The encoder's parameters: ``params`` without the LSTMs, the stored support set and the log-temperature."""
+    return {k: v for k, v in params.items() if not k.startswith((FCE_PREFIX, "support/")) and k != LOG_TEMPERATURE_KEY}
+
+
+def _initial_log_temperature(temperature: float, ref: Tensor) -> Tensor:
+    """The learned temperature's starting point: the scalar leaf ``log(temperature)``, in ``ref``'s dtype/device."""
+    log_t = torch.tensor(math.log(temperature), dtype=ref.dtype, device=ref.device)
+    return log_t.requires_grad_(True)
+
+
+def _fce_params(feature_dim: int, seed: int, ref: Tensor) -> Params:
+    """The full-context-embedding LSTMs' parameters, uniform in ``+-1/sqrt(feature_dim)`` (drawn in float64 from
+    ``seed``, then cast to ``ref``'s dtype/device), keyed under :data:`FCE_PREFIX`."""
+    generator = torch.Generator().manual_seed(seed)
+    bound = 1.0 / math.sqrt(feature_dim)
+    params: Params = {}
+    for key, units in _FCE_SHAPES.items():
+        shape = tuple(u * feature_dim for u in units)
+        value = (torch.rand(shape, generator=generator, dtype=torch.float64) * 2 - 1) * bound
+        params[FCE_PREFIX + key] = value.to(dtype=ref.dtype, device=ref.device).requires_grad_(True)
+    return params
+
+
+def _init(params: Params, options: _Options) -> Params:
+    """``learner.init``: ``params`` plus the log-temperature (if learned) and the FCE LSTMs (if ``fce``)."""
+    params = dict(params)
+    ref = next(iter(params.values()))
+    if options.learn_temperature:
+        params[LOG_TEMPERATURE_KEY] = _initial_log_temperature(options.temperature, ref)
+    if options.fce:
+        params.update(_fce_params(cast(int, options.feature_dim), options.fce_seed, ref))
+    return params
+
+
+def _check_meta_params(name: str, params: Params, options: _Options) -> None:
+    """The meta-parameters hold what ``learner.init`` adds: the log-temperature and the FCE LSTMs when asked for."""
+    if options.learn_temperature and LOG_TEMPERATURE_KEY not in params:
+        raise ValueError(f"{name}: learn_temperature=True but the meta-parameters lack {LOG_TEMPERATURE_KEY!r}; "
+                         "build them with learner.init(params)")
+    if options.fce:
+        missing = [FCE_PREFIX + k for k in _FCE_SHAPES if FCE_PREFIX + k not in params]
+        if missing:
+            raise ValueError(f"{name}: the meta-parameters lack the full-context-embedding parameters "
+                             f"{missing[:3]}; build them with learner.init(params)")
+
+
+def _scaled(similarity: Tensor, params: Params, options: _Options) -> Tensor:
+    """``similarity / T``: the learned ``T = exp(params[LOG_TEMPERATURE_KEY])``, or the fixed ``temperature``."""
+    if options.learn_temperature:
+        return similarity * torch.exp(-params[LOG_TEMPERATURE_KEY])
+    return similarity / options.temperature
+
+
+def _log_probs(params: Params, support: Tensor, onehot: Tensor, query: Tensor, options: _Options) -> Tensor:
+    """The queries' class log-probabilities, ``(queries, ways)``: attention over the (context-)embedded support set
+    (the queries read it through the attention LSTM first if ``fce``), its labels ``onehot``."""
+    if options.fce:
+        query = _context_query(params, query, support, options.fce_steps)
+    logits = _scaled(_similarities(query, support, options.distance), params, options)
+    return _class_log_probs(logits, onehot)
+
+
+def _embed(encoder: ModelFn, params: Params, support_x: Tensor, query_x: Tensor,
+           fce: bool) -> tuple[Tensor, Tensor]:
+    """The embedded support set (through the bidirectional LSTM if ``fce``) and the embedded queries."""
+    theta = _encoder_params(params)
+    support, query = encoder(theta, support_x), encoder(theta, query_x)
+    if fce:
+        support = _context_support(params, support)
+    return support, query
+
+
+def _matching_learner(name: str, encoder: ModelFn, resolve_ways: WaysResolver, options: _Options) -> MetaLearner:
+    """The learner: ``adapt`` stores the embedded support set, ``meta_loss``/``evaluate`` score the queries against
+    it, ``predict`` reads it back; each checks the meta-parameters :func:`_init` makes."""
+
+    def adapt(params: Params, x: Tensor, y: Tensor, *, steps: int | None = None) -> tuple[Params, Tensor]:
+        _check_meta_params(name, params, options)
+        support, _ = _embed(encoder, params, x, x[:1], options.fce)
+        onehot = one_hot(y, resolve_ways(y), support.dtype)
+        task_params = {**params, SUPPORT_FEATURES_KEY: support, SUPPORT_LABELS_KEY: onehot}
+        query = encoder(_encoder_params(params), x)
+        support_loss = F.nll_loss(_log_probs(params, support, onehot, query, options), y)
+        return task_params, support_loss.detach().reshape(1)
+
+    def score(params: Params, task: Task) -> tuple[Tensor, Metrics]:
+        _check_meta_params(name, params, options)
+        support, query = _embed(encoder, params, task.support_x, task.query_x, options.fce)
+        onehot = one_hot(task.support_y, resolve_ways(task.support_y), support.dtype)
+        out = _log_probs(params, support, onehot, query, options)
+        loss = F.nll_loss(out, task.query_y)
+        return loss, task_metrics(out, task.query_y, loss, True)
+
+    def predict(task_params: Params, x: Tensor) -> Tensor:
+        if SUPPORT_FEATURES_KEY not in task_params:
+            raise ValueError(f"{name}: predict needs the task parameters returned by adapt "
+                             f"(no {SUPPORT_FEATURES_KEY!r} key)")
+        query = encoder(_encoder_params(task_params), x)
+        return _log_probs(task_params, task_params[SUPPORT_FEATURES_KEY], task_params[SUPPORT_LABELS_KEY], query,
+                          options)
+
+    def init(params: Params) -> Params:
+        return _init(params, options)
+
+    def meta_params_check(params: Params, tasks: Task, vmapped: bool = True, batched: bool = True) -> None:
+        _check_meta_params(name, params, options)
+
+    meta_loss, evaluate = metric_objectives(name, score, encoder=encoder, ways=resolve_ways,
+                                            encoder_params=_encoder_params)
+    meta_loss, evaluate = meta_loss.checked(meta_params_check), evaluate.checked(meta_params_check)
+    return MetaLearner(name=name, init=init, adapt=adapt, meta_loss=meta_loss, evaluate=evaluate,
+                       predict=predict, second_order=False, model=encoder)
+
+
 def matching_net(encoder: ModelFn, *, ways: int | None = None, temperature: float = 1.0,
                  distance: Literal["cosine", "squared_euclidean"] = "cosine", learn_temperature: bool = False,
                  fce: bool = False, feature_dim: int | None = None, fce_steps: int = 2,
@@ -120,93 +263,7 @@ def matching_net(encoder: ModelFn, *, ways: int | None = None, temperature: floa
     name = "matching_net"
     check_model(encoder, name)
     resolve_ways = WaysResolver(name, check_ways(name, ways))
-    check_positive(name, "temperature", temperature)
-    check_choice(name, "distance", distance, DISTANCES)
-    for flag, value in (("fce", fce), ("learn_temperature", learn_temperature)):
-        if not isinstance(value, bool):
-            raise TypeError(f"{name}: {flag} must be a bool (got {value!r})")
-    if fce:
-        if feature_dim is None:
-            raise ValueError(f"{name}: fce=True needs feature_dim= (the encoder's output width) to build the LSTMs")
-        check_steps(name, "feature_dim", feature_dim)
-        check_steps(name, "fce_steps", fce_steps)
-
-    def encoder_params(params: Params) -> Params:
-        return {k: v for k, v in params.items() if not k.startswith((FCE_PREFIX, "support/")) and k != LOG_TEMPERATURE_KEY}
-
-    def init(params: Params) -> Params:
-        params = dict(params)
-        ref = next(iter(params.values()))
-        if learn_temperature:
-            log_t = torch.tensor(math.log(temperature), dtype=ref.dtype, device=ref.device)
-            params[LOG_TEMPERATURE_KEY] = log_t.requires_grad_(True)
-        if not fce:
-            return params
-        generator = torch.Generator().manual_seed(fce_seed)
-        bound = 1.0 / math.sqrt(feature_dim)  # type: ignore[arg-type]
-        for key, units in _FCE_SHAPES.items():
-            shape = tuple(u * feature_dim for u in units)  # type: ignore[operator]
-            value = (torch.rand(shape, generator=generator, dtype=torch.float64) * 2 - 1) * bound
-            params[FCE_PREFIX + key] = value.to(dtype=ref.dtype, device=ref.device).requires_grad_(True)
-        return params
-
-    def check_fce(params: Params) -> None:
-        if learn_temperature and LOG_TEMPERATURE_KEY not in params:
-            raise ValueError(f"{name}: learn_temperature=True but the meta-parameters lack {LOG_TEMPERATURE_KEY!r}; "
-                             "build them with learner.init(params)")
-        if fce:
-            missing = [FCE_PREFIX + k for k in _FCE_SHAPES if FCE_PREFIX + k not in params]
-            if missing:
-                raise ValueError(f"{name}: the meta-parameters lack the full-context-embedding parameters "
-                                 f"{missing[:3]}; build them with learner.init(params)")
-
-    def embed(params: Params, support_x: Tensor, query_x: Tensor) -> tuple[Tensor, Tensor]:
-        theta = encoder_params(params)
-        support, query = encoder(theta, support_x), encoder(theta, query_x)
-        if fce:
-            support = _context_support(params, support)
-        return support, query
-
-    def log_probs(params: Params, support: Tensor, onehot: Tensor, query: Tensor) -> Tensor:
-        if fce:
-            query = _context_query(params, query, support, fce_steps)
-        similarity = _similarities(query, support, distance)
-        if learn_temperature:
-            logits = similarity * torch.exp(-params[LOG_TEMPERATURE_KEY])
-        else:
-            logits = similarity / temperature
-        return _class_log_probs(logits, onehot)
-
-    def adapt(params: Params, x: Tensor, y: Tensor, *, steps: int | None = None) -> tuple[Params, Tensor]:
-        check_fce(params)
-        support, _ = embed(params, x, x[:1])
-        onehot = one_hot(y, resolve_ways(y), support.dtype)
-        task_params = {**params, SUPPORT_FEATURES_KEY: support, SUPPORT_LABELS_KEY: onehot}
-        query = encoder(encoder_params(params), x)
-        support_loss = F.nll_loss(log_probs(params, support, onehot, query), y)
-        return task_params, support_loss.detach().reshape(1)
-
-    def score(params: Params, task: Task) -> tuple[Tensor, Metrics]:
-        check_fce(params)
-        support, query = embed(params, task.support_x, task.query_x)
-        onehot = one_hot(task.support_y, resolve_ways(task.support_y), support.dtype)
-        out = log_probs(params, support, onehot, query)
-        loss = F.nll_loss(out, task.query_y)
-        return loss, task_metrics(out, task.query_y, loss, True)
-
-    def predict(task_params: Params, x: Tensor) -> Tensor:
-        if SUPPORT_FEATURES_KEY not in task_params:
-            raise ValueError(f"{name}: predict needs the task parameters returned by adapt "
-                             f"(no {SUPPORT_FEATURES_KEY!r} key)")
-        query = encoder(encoder_params(task_params), x)
-        return log_probs(task_params, task_params[SUPPORT_FEATURES_KEY], task_params[SUPPORT_LABELS_KEY], query)
-
-    meta_loss, evaluate = metric_objectives(name, score, encoder=encoder, ways=resolve_ways,
-                                            encoder_params=encoder_params)
-
-    def fce_check(params: Params, tasks: Task, vmapped: bool = True, batched: bool = True) -> None:
-        check_fce(params)
-
-    meta_loss, evaluate = meta_loss.checked(fce_check), evaluate.checked(fce_check)
-    return MetaLearner(name=name, init=init, adapt=adapt, meta_loss=meta_loss, evaluate=evaluate,
-                       predict=predict, second_order=False, model=encoder)
+    options = _Options(temperature=temperature, distance=distance, learn_temperature=learn_temperature, fce=fce,
+                       feature_dim=feature_dim, fce_steps=fce_steps, fce_seed=fce_seed)
+    _check_options(name, options)
+    return _matching_learner(name, encoder, resolve_ways, options)
