@@ -14,9 +14,9 @@ import torch
 from torch import Tensor
 
 from metafunc._shared import check_steps
-from metafunc.core.functional import check_model_input, check_params, check_task_dtypes, thread_safe
+from metafunc.core.functional import check_model_input, checked_inputs, thread_safe
 from metafunc.core.task_function import TaskFunction
-from metafunc.core.types import Metrics, ModelFn, Params, Task, check_task
+from metafunc.core.types import Metrics, ModelFn, Params, Task
 
 __all__ = ["prototypes", "one_hot", "squared_distances", "check_ways", "WaysResolver", "metric_checks",
            "metric_objectives"]
@@ -137,11 +137,7 @@ def metric_checks(*, caller: str, encoder: ModelFn, ways: WaysResolver,
     shapes: dict[tuple, tuple[int, ...]] = {}
 
     def validate(params: Params, tasks: Task, vmapped: bool = True, batched: bool = True) -> None:
-        check_params(params, encoder, caller=caller)
-        tasks = check_task(tasks, caller=caller, batched=batched)
-        theta = encoder_params(params)
-        check_params(theta, encoder, caller=caller, exact=True)
-        check_task_dtypes(theta, tasks, caller=caller)
+        tasks, theta = checked_inputs(params, tasks, encoder, encoder_params, caller=caller, batched=batched)
         if vmapped and second_order and getattr(encoder, "torch_norm_layers", []):
             raise ValueError(
                 f"{caller}: the encoder has torch norm layers {encoder.torch_norm_layers} whose second-order "  # type: ignore[attr-defined]

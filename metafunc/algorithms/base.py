@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metafunc._shared import check_steps
-from metafunc.core.functional import check_model_input, check_params, check_task_dtypes, thread_safe
+from metafunc.core.functional import check_model_input, checked_inputs, thread_safe
 from metafunc.core.task_function import TaskFunction, Validator
-from metafunc.core.types import AdaptFn, LossFn, Metrics, ModelFn, Params, Task, check_labels, check_task
+from metafunc.core.types import AdaptFn, LossFn, Metrics, ModelFn, Params, Task, check_labels
 
 __all__ = ["MetaLearner", "make_learner", "resolve_loss", "check_model", "task_metrics", "learner_checks", "LossSpec",
            "with_steps"]
@@ -201,11 +201,7 @@ def learner_checks(
     out_features: dict[tuple, int] = {}
 
     def validate(params: Params, tasks: Task, vmapped: bool = True, batched: bool = True) -> None:
-        check_params(params, model, caller=caller)
-        tasks = check_task(tasks, caller=caller, batched=batched)
-        weights = model_params(params)
-        check_params(weights, model, caller=caller, exact=True)
-        check_task_dtypes(weights, tasks, caller=caller)
+        tasks, weights = checked_inputs(params, tasks, model, model_params, caller=caller, batched=batched)
         _check_module(caller, model, vmapped=vmapped, second_order=second_order)
         if loss_fn is _mse:
             _check_regression_targets(caller, tasks)

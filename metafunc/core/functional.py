@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import copy
 import threading
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from metafunc.core.types import Params, Task
+from metafunc.core.types import Params, Task, check_task
 from metafunc.nn.norm import find_torch_norm_layers
 
-__all__ = ["FunctionalModel", "functionalize", "check_params", "check_task_dtypes", "check_model_input", "thread_safe"]
+__all__ = ["FunctionalModel", "functionalize", "check_params", "check_task_dtypes", "check_model_input", "thread_safe",
+           "checked_inputs"]
 
 
 class FunctionalModel:
@@ -260,3 +261,24 @@ def thread_safe(*models: Any) -> bool:
             if isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0:
                 return False
     return True
+
+
+def checked_inputs(params: Params, tasks: Task, model: Any, select: Callable[[Params], Params], *, caller: str,
+                   batched: bool = True) -> tuple[Task, Params]:
+    """The checks every learner runs first: the parameter names, the task's structure, the parameters the model
+    takes (``select(params)``: no key it does not take) and the tasks' dtype against theirs; returns the checked
+    tasks and the model's parameters.
+
+    Example:
+        >>> model, params = functionalize(torch.nn.Linear(2, 3))
+        >>> tasks = Task(torch.zeros(1, 3, 2), torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 3, 2),
+        ...              torch.zeros(1, 3, dtype=torch.long))
+        >>> sorted(checked_inputs(params, tasks, model, lambda p: p, caller="demo")[1])
+        ['bias', 'weight']
+    """
+    check_params(params, model, caller=caller)
+    tasks = check_task(tasks, caller=caller, batched=batched)
+    own = select(params)
+    check_params(own, model, caller=caller, exact=True)
+    check_task_dtypes(own, tasks, caller=caller)
+    return tasks, own
