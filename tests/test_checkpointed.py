@@ -5,10 +5,21 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import reference_meta_gradient, reference_meta_loss_value, relative_error, torch_mlp
 from torch import nn
 from torch.func import functional_call
 
-from metafunc import Task, functionalize, learner_for_path, maml, meta_batch, models, path_names
+from metafunc import (
+    Task,
+    convert_norm_layers,
+    functionalize,
+    learner_for_path,
+    maml,
+    meta_batch,
+    models,
+    path_names,
+    sinusoid_tasks,
+)
 from metafunc.core.tree import tree_norm, tree_relative_error, tree_scale
 from metafunc.gradients import checkpoint_positions, checkpointed_maml, default_checkpoints
 
@@ -64,6 +75,24 @@ def test_checkpointed_equals_unrolled_exact(float64, steps, mode, hvp):
     assert tree_relative_error(got, exact) < 1e-10
     assert torch.allclose(loss, exact_loss, rtol=1e-12, atol=0)
     assert set(metrics) == {"loss", "accuracy", "support_loss"}
+
+
+@pytest.mark.parametrize("hvp", ["forward", "reverse"])
+@pytest.mark.parametrize("mode", ["vmap", "loop"])
+def test_mse_regression_equals_the_maml_reference(float64, mode, hvp):
+    # loss="mse" on a LayerNorm MLP (sinusoid regression): forward mode used to raise "ZeroTensors are immutable"
+    # (torch's forward-AD formula of mse_loss's backward divides a zero target tangent in place, pytorch#123996).
+    torch.manual_seed(0)
+    module = torch_mlp(1, (8, 8), 1, layer_norm=True)
+    model, params = functionalize(convert_norm_layers(module))
+    tasks = sinusoid_tasks(2, shots=5, queries=5, generator=torch.Generator().manual_seed(0)).to(torch.float64)
+    reference = reference_meta_gradient(module, params, tasks, algorithm="maml", inner_lr=0.05, steps=3, loss="mse")
+    learner = checkpointed_maml(model, inner_lr=0.05, steps=3, checkpoints=2, loss="mse", hvp=hvp)
+    got, loss, _ = _meta_gradient(learner, params, tasks, mode)
+    assert sum(float(g.norm()) for g in reference.values()) > 0
+    assert relative_error(got, reference) < 1e-10
+    want = reference_meta_loss_value(module, params, tasks, algorithm="maml", inner_lr=0.05, steps=3, loss="mse")
+    assert abs(loss.item() - want) < 1e-12 * abs(want)
 
 
 @pytest.mark.parametrize("checkpoints", [1, 2, 3, 7])

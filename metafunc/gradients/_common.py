@@ -54,7 +54,10 @@ def make_step_pullback(task_loss: TaskLoss, names: list[str], lr: float,
 
     ``hvp="reverse"`` differentiates the step by reverse mode (``vjp`` of the step, which keeps the graph of the
     backward pass for a second backward). ``hvp="forward"`` computes ``H v`` forward-over-reverse (``jvp`` of
-    ``grad``): the tangents ride along one gradient computation and no graph of the backward pass is kept.
+    ``grad``): the tangents ride along one gradient computation and no graph of the backward pass is kept. A
+    floating-point target ``y`` enters the ``jvp`` as a primal with a materialised zero tangent: left out, its tangent
+    is torch's immutable efficient zero, which ``F.mse_loss``'s forward-AD formula divides in place ("ZeroTensors are
+    immutable", pytorch/pytorch#123996); a zero tangent adds exact zeros, so ``H v`` is unchanged.
     """
     if hvp == "reverse":
         step = make_step(task_loss, names, lr)
@@ -67,7 +70,10 @@ def make_step_pullback(task_loss: TaskLoss, names: list[str], lr: float,
 
     def forward(phi: Params, v: Params, x: Tensor, y: Tensor) -> Params:
         tangent = {k: (v[k] if k in names else torch.zeros_like(t)) for k, t in phi.items()}
-        hv = jvp(lambda p: grad(task_loss)(p, x, y), (phi,), (tangent,))[1]
+        if y.is_floating_point():  # see the docstring: a real zero tangent for the target (pytorch#123996)
+            hv = jvp(lambda p, t: grad(task_loss)(p, x, t), (phi, y), (tangent, torch.zeros_like(y)))[1]
+        else:
+            hv = jvp(lambda p: grad(task_loss)(p, x, y), (phi,), (tangent,))[1]
         return {k: v[k] - lr * hv[k] for k in phi}
 
     return forward
