@@ -61,7 +61,7 @@ class LearnerOption:
 
     Example:
         >>> [o.name for o in LEARNERS["imaml"].options]
-        ['lam', 'cg_iterations', 'damping', 'solver']
+        ['lam', 'cg_iterations', 'damping', 'solver', 'lam_damping', 'inner_loop', 'on_cg_divergence']
     """
 
     name: str

@@ -16,9 +16,16 @@ path (learner)            meta-gradient                                         
 """
 
 from metafunc.gradients.checkpointed import checkpoint_positions, checkpointed_maml, default_checkpoints
-from metafunc.gradients.implicit import INNER_SOLVERS, imaml, proximal_inner_loop
+from metafunc.gradients.implicit import (
+    CG_DIVERGENCE_ACTIONS,
+    INNER_LOOPS,
+    INNER_SOLVERS,
+    CGDivergenceWarning,
+    imaml,
+    proximal_inner_loop,
+)
 from metafunc.gradients.one_step import one_step, one_step_adapt
-from metafunc.gradients.solvers import conjugate_gradient
+from metafunc.gradients.solvers import CGSolution, conjugate_gradient, conjugate_gradient_solution
 
 __all__ = [
     "checkpointed_maml",
@@ -26,6 +33,11 @@ __all__ = [
     "default_checkpoints",
     "imaml",
     "conjugate_gradient",
+    "conjugate_gradient_solution",
+    "CGSolution",
+    "CGDivergenceWarning",
+    "CG_DIVERGENCE_ACTIONS",
+    "INNER_LOOPS",
     "proximal_inner_loop",
     "INNER_SOLVERS",
     "one_step",
