@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import sys
 from pathlib import Path
 
 import torch
@@ -40,6 +41,8 @@ def test_the_guide_trains_its_own_modules_from_the_command_line(tmp_path, monkey
             (tmp_path / code.splitlines()[0][2:].strip()).write_text(code)
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("my_models", "my_data"):    # another test may have imported modules of these names
+        monkeypatch.delitem(sys.modules, name, raising=False)
     train_cmd, evaluate_cmd = [shlex.split(line) for line in _blocks("bash")[0].replace("\\\n", " ").splitlines()]
     argv = [a if a != "200" else "60" for a in train_cmd[1:]] + ["--no-progress", "--val-episodes", "50"]
     assert main(argv) == 0, capsys.readouterr().err
