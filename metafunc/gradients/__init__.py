@@ -11,8 +11,11 @@ path (learner)            meta-gradient                                         
 ``"first_order"``         ``grad L_q(phi_k)`` (fomaml)                                   constant
 ``"checkpointed"``        exact MAML, recomputed from checkpoints, VJP step by step       ``O(sqrt(k))`` parameter copies
 ``"one_step"``            ``(I - a H_s(theta)) grad L_q(phi_k)`` (lazy, ICCV 2021)         constant
-``"implicit"`` (imaml)    iMAML: ``(I + H_s(phi)/lam)^-1 grad L_q(phi)`` by CG              constant
+``"implicit"`` (imaml)    iMAML: ``((1+d) I + H_s(phi)/(lam+d_lam))^-1 grad L_q(phi)``, CG   constant
 ========================  =============================================================  ======================
+
+iMAML's defaults solve the authors' code's damped system (``d = damping = 1``, ``d_lam = lam_damping = 10``); the
+paper's ``(I + H_s/lam)`` is ``damping=0, lam_damping=0, inner_loop="proximal"``.
 """
 
 from metafunc.gradients.checkpointed import checkpoint_positions, checkpointed_maml, default_checkpoints
