@@ -34,9 +34,10 @@ def test_bench_table_and_json(tmp_path, capsys):
 
 
 def test_rss_memory_in_a_subprocess_grows_with_unrolled_steps():
-    # 4 tasks x 300 support examples x width 64: the unrolled graph of 30 steps holds hundreds of MiB of
-    # activations; the checkpointed path holds one step's.
-    cfg = BenchConfig(model="mlp", width=64, paths=["exact", "checkpointed"], inner_steps=[30], meta_batch=4,
+    # 4 tasks x 300 support examples x width 64: the unrolled graph of 60 steps holds about 380 MiB of activations;
+    # the checkpointed path holds one step's (about 25 MiB alone, up to 50 MiB seen in a fresh CI clone, where the
+    # subprocess's baseline is noisier: 30 steps left a 3.97x ratio there against the 4x asserted).
+    cfg = BenchConfig(model="mlp", width=64, paths=["exact", "checkpointed"], inner_steps=[60], meta_batch=4,
                       shots=60, query=1, repeats=1, warmup=0, memory="rss")
     rows = {r["path"]: r for r in run_bench(cfg, progress=False)}
     assert all(r["error"] is None for r in rows.values()), rows
