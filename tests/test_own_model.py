@@ -9,8 +9,6 @@ import shlex
 import sys
 from pathlib import Path
 
-import torch
-
 from metafunc.cli import main
 
 GUIDE = Path(__file__).resolve().parents[1] / "docs" / "your-own-model.md"
@@ -63,4 +61,3 @@ def test_a_dataset_factory_that_returns_something_else_is_named(tmp_path, monkey
     assert "must return a task source" in capsys.readouterr().err
     assert main(["train", "--dataset", "bad_data:nothing", "--out", str(tmp_path / "o"), "--no-progress"]) == 2
     assert "has no attribute 'nothing'" in capsys.readouterr().err
-    assert torch.get_default_dtype() == torch.float32

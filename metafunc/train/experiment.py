@@ -12,7 +12,7 @@ from torch import nn
 from metafunc._shared import load_attr
 from metafunc.algorithms import MetaLearner
 from metafunc.core.functional import functionalize
-from metafunc.core.types import ModelFn, Params
+from metafunc.core.types import ModelFn, Params, Task
 from metafunc.nn import BatchNorm, convert_norm_layers, models
 from metafunc.nn.resnet12 import resnet12
 from metafunc.registry import LEARNERS
@@ -105,20 +105,21 @@ class _SplitsWith(Mapping[str, TaskSource]):
         return len(self._sources)
 
 
-def _example_shape(source: TaskSource) -> tuple[int, ...]:
-    """The shape of one support example of ``source`` (drawn with a throwaway generator)."""
-    task = source.sample(1, torch.Generator().manual_seed(0))
-    return tuple(task.support_x.shape[2:])
+def _probe(source: TaskSource) -> Task:
+    """One task of ``source``, drawn with a throwaway generator (the run's generator is not touched)."""
+    return source.sample(1, torch.Generator().manual_seed(0))
 
 
-def build_network(cfg: ResolvedConfig, source: TaskSource, *, with_head: bool) -> nn.Module:
+def build_network(cfg: ResolvedConfig, probe: Task, *, with_head: bool) -> nn.Module:
     """The run's network: ``cfg.model`` (``module:factory``, norm layers made exact), else the dataset's: the
     sinusoid MLP, ResNet-12 (``backbone``), a Conv-4 for images ``(C, H, W)`` or a LayerNorm MLP for feature vectors.
-    ``with_head=False`` (metric learners) drops the output layer.
+    ``with_head=False`` (metric learners) drops the output layer; ``probe`` is one task of the data (its example
+    shape picks the built-in network).
 
     Example:
         >>> cfg = resolve_config(TrainConfig(dataset="synthetic", width=8))
-        >>> type(build_network(cfg, build_sources(cfg)["train"], with_head=True)).__name__
+        >>> probe = build_sources(cfg)["train"].sample(1, torch.Generator())
+        >>> type(build_network(cfg, probe, with_head=True)).__name__
         'MLP'
     """
     if cfg.model is not None:
@@ -132,7 +133,7 @@ def build_network(cfg: ResolvedConfig, source: TaskSource, *, with_head: bool) -
         return models.mlp()
     if cfg.backbone == "resnet12":
         return resnet12(cfg.ways if with_head else None)
-    shape = _example_shape(source)
+    shape = tuple(probe.support_x.shape[2:])
     if len(shape) == 1:
         mlp = models.mlp(in_features=shape[0], hidden=(cfg.width, cfg.width), out_features=cfg.ways, norm="layer")
         return mlp if with_head else cast(nn.Module, mlp.body)
@@ -154,16 +155,16 @@ def build_experiment(config: TrainConfig) -> Experiment:
     cfg = resolve_config(config)
     spec = LEARNERS[cfg.algorithm]
     sources = build_sources(cfg)
+    probe = _probe(sources["train"])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        module = build_network(cfg, sources["train"], with_head=spec.needs_head).to(torch.device(cfg.device))
+        module = build_network(cfg, probe, with_head=spec.needs_head).to(torch.device(cfg.device))
     model, params = functionalize(module)
     try:
         learner = spec.build(model, **learner_options(cfg))
     except TypeError as e:
         raise ValueError(f"train: {e}") from None
     meta_params = {k: v.detach().requires_grad_(True) for k, v in learner.init(params).items()}
-    probe = sources["train"].sample(1, torch.Generator().manual_seed(0))
     classification = not probe.support_y.is_floating_point()
     batch_norm = any(isinstance(m, (BatchNorm, nn.modules.batchnorm._BatchNorm)) for m in module.modules())
     return Experiment(model, meta_params, learner, sources, classification, batch_norm)
