@@ -62,15 +62,16 @@ MODES = pytest.mark.parametrize("mode,chunk", [("vmap", None), ("vmap", 2), ("lo
 
 
 @MODES
-@pytest.mark.parametrize("steps", [1, 2])
-def test_second_order_equals_autograd_reference(float64, mode, chunk, steps):
+@pytest.mark.parametrize("steps,head_lr", [(1, 0.7), (2, 0.7), (2, 0.0)],
+                         ids=["1-step", "2-steps", "2-steps-head-fixed"])  # head_lr=0: BOIL's inner loop
+def test_second_order_equals_autograd_reference(float64, mode, chunk, steps, head_lr):
     module = torch_encoder()
     encoder, params = functionalize(convert_norm_layers(module))
     tasks = few_shot_tasks()
-    learner = proto_maml(encoder, inner_lr=0.3, head_lr=0.7, steps=steps)
+    learner = proto_maml(encoder, inner_lr=0.3, head_lr=head_lr, steps=steps)
     loss, _, grads = meta_gradient(learner, params, tasks, mode=mode, chunk_size=chunk)
-    ref_loss, ref = reference_meta_gradient(module, params, tasks, ways=3, inner_lr=0.3, head_lr=0.7, steps=steps,
-                                            first_order=False)
+    ref_loss, ref = reference_meta_gradient(module, params, tasks, ways=3, inner_lr=0.3, head_lr=head_lr,
+                                            steps=steps, first_order=False)
     assert abs(loss.item() - ref_loss.item()) < 1e-12
     assert tree_relative_error(grads, ref) < 1e-10
 
@@ -216,8 +217,8 @@ def test_bad_input_is_refused_eagerly():
         meta_batch(fo_proto_maml(exact, ways=2, two_pass=True).meta_loss)(exact_params, tasks)
     with pytest.raises(ValueError, match=r"proto_maml: inner_lr must be > 0 \(got -0.1\)"):
         proto_maml(exact, inner_lr=-0.1)
-    with pytest.raises(ValueError, match=r"proto_maml: head_lr must be > 0 \(got 0\)"):
-        proto_maml(exact, head_lr=0)
+    with pytest.raises(ValueError, match=r"proto_maml: head_lr must be >= 0 \(got -1\)"):
+        proto_maml(exact, head_lr=-1)
     flat, flat_params = functionalize(nn.Sequential(nn.Linear(3, 4), nn.Unflatten(1, (2, 2))))
     with pytest.raises(ValueError, match=r"proto_maml: the encoder must return features of shape"):
         meta_batch(proto_maml(flat).meta_loss)(flat_params, tasks)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import grad
 
-from metafunc._shared import check_positive, check_steps, under_func_transform
+from metafunc._shared import check_nonnegative, check_positive, check_steps, under_func_transform
 from metafunc.algorithms._metric import WaysResolver, check_ways, metric_checks, prototypes
 from metafunc.algorithms.base import MetaLearner, check_model, task_metrics
 from metafunc.core.functional import thread_safe
@@ -93,7 +93,7 @@ def _check_options(name: str, *, inner_lr: float, head_lr: float | None, steps: 
                    two_pass: bool, query_chunk_size: int | None) -> float:
     """ProtoMAML's eager checks on its settings; returns the output layer's learning rate (``inner_lr`` if None)."""
     check_positive(name, "inner_lr", inner_lr)
-    head_lr = check_positive(name, "head_lr", head_lr) if head_lr is not None else float(inner_lr)
+    head_lr = check_nonnegative(name, "head_lr", head_lr) if head_lr is not None else float(inner_lr)
     check_steps(name, "steps", steps)
     for flag, value in (("first_order", first_order), ("two_pass", two_pass)):
         if not isinstance(value, bool):
@@ -272,7 +272,7 @@ def proto_maml(encoder: ModelFn, *, inner_lr: float = 0.1, head_lr: float | None
 
     The inner loop adapts the encoder parameters chosen by ``adapt`` (all by default) with ``inner_lr`` and the
     output layer (``"proto_head.weight"``, ``"proto_head.bias"`` in the task parameters) with ``head_lr`` (defaults
-    to ``inner_lr``). The output layer starts detached and is rewritten ``gamma + stopgrad(phi - gamma)`` after the
+    to ``inner_lr``; ``head_lr=0`` holds the output layer at its prototype initialisation, BOIL's inner loop). The output layer starts detached and is rewritten ``gamma + stopgrad(phi - gamma)`` after the
     loop, so the meta-gradient reaches the encoder through the adapted encoder and through the prototypes.
     ``first_order=True`` is :func:`fo_proto_maml`.
 

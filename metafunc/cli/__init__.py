@@ -147,6 +147,9 @@ def _add_evaluate_command(sub: Any) -> None:
     e.add_argument("--shots", type=int, help="support examples per class (default: as trained)")
     e.add_argument("--queries", type=int, help="query examples per class (default: as trained)")
     e.add_argument("--inner-steps", type=int, help="test-time inner steps (default: the run's eval_inner_steps)")
+    e.add_argument("--new-head", choices=("zero", "prototypes"),
+                   help="at other ways than trained: a zero output layer adapted in the inner loop, or one initialised "
+                        "from the support prototypes (default: prototypes for boil, zero otherwise)")
     e.add_argument("--split", choices=("test", "val"), default="test", help="which split to draw episodes from")
     e.add_argument("--data-root", help="folder with the Omniglot zips (default: as trained)")
     e.add_argument("--device", help="device (default: as trained)")
