@@ -1,4 +1,4 @@
-"""One meta-step of MAML and ProtoNets in metafunc, higher, learn2learn, TorchOpt and a plain autograd loop.
+"""One meta-step of MAML and ProtoNets in metafunc, higher, learn2learn, TorchOpt, parallel-metalearn and a plain loop.
 
 Same module (Conv-4, 64 filters, BatchNorm, 28x28 inputs), same tasks (5-way 1-shot, 15 queries per class), same
 machine, one run. Before timing a configuration, every implementation's meta-gradient is checked against the plain
@@ -15,6 +15,8 @@ threshold fixed at 64 KiB so that freed tensors leave the RSS at once); on CUDA 
     python benchmarks/peers.py --device cuda          # on a GPU
 
 Install the peers with ``pip install -e .[peers] --no-deps`` style care: see the Performance section of README.md.
+parallel-metalearn (``pip install --no-deps parallel-metalearn==0.5.6``; it needs only torch, numpy and tqdm) is not in
+that extra.
 """
 
 from __future__ import annotations
@@ -54,10 +56,10 @@ CONFIGS: dict[str, dict[str, Any]] = {
 """``maml<order>-<inner steps>`` and ``protonet``."""
 
 IMPLS = ("metafunc", "metafunc:workers1", "metafunc:compiled", "metafunc:compiled-cudagraphs", "metafunc:meta_batch-auto", "metafunc:loop", "metafunc:vmap", "metafunc:vmap-chunk4",
-         "plain", "higher", "learn2learn", "torchopt")
+         "plain", "higher", "learn2learn", "torchopt", "parallel_metalearn")
 """Rows of the table; ``metafunc`` is ``meta_value_and_grad`` with ``mode="auto"``, the default fast meta-step."""
 
-PEERS = ("plain", "higher", "learn2learn", "torchopt")
+PEERS = ("plain", "higher", "learn2learn", "torchopt", "parallel_metalearn")
 WAYS, SHOTS, QUERIES, INNER_LR = 5, 1, 15, 0.4
 
 

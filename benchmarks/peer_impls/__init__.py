@@ -7,8 +7,9 @@ Every implementation is a module with ``AVAILABLE`` (bool), ``WHY`` (why it is n
 
 ``step()`` runs one meta-step (forward, inner loop, outer backward) and returns the meta-gradient of the mean query
 loss over the tasks as ``{parameter name: tensor}``, so the benchmark can check it against the plain loop before
-timing it. Each follows the library's own MAML example: tasks one at a time, each task's query loss back-propagated
-as soon as it is computed (the memory-lean idiom of the higher, learn2learn and TorchOpt examples).
+timing it. Each follows the library's own MAML example: in higher, learn2learn and TorchOpt, tasks one at a time, each
+task's query loss back-propagated as soon as it is computed (the memory-lean idiom of their examples); in
+parallel-metalearn, all tasks at once under its ``torch.func.vmap`` (its default backend).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ IMPLEMENTATIONS = {
     "higher": "higher_impl",
     "learn2learn": "learn2learn_impl",
     "torchopt": "torchopt_impl",
+    "parallel_metalearn": "parallel_metalearn_impl",
 }
 """Benchmark name -> module in this package."""
 
