@@ -8,7 +8,8 @@ For each learner: ``metafunc train --dataset omniglot --time-budget BUDGET`` wit
 2. 600 **test** episodes (Korean and Sanskrit, never seen in training) of 5-way 1-shot, 5-way 5-shot (15 queries per
    class) and 20-way 1-shot (5 queries per class), each with its 95% confidence interval. Learners with an output
    layer are evaluated 20-way with a zero-initialised 20-way head adapted in the inner loop (``metafunc evaluate
-   --ways 20``).
+   --ways 20``); BOIL's 20-way head (zero, or initialised from the support prototypes) is chosen on 20-way
+   validation episodes (``NEW_HEAD_CHOICES``).
 
 It writes ``OUT/table.md`` (the table with the budget, machine and command), ``OUT/results.json`` and
 ``OUT/validation_vs_time.png`` (validation accuracy against training time, every learner). Run::
@@ -64,19 +65,29 @@ SETTINGS: dict[str, list[str]] = {
     # annealed multi-step loss over the first epochs, cosine-annealed outer lr; epochs of 100 iterations on a CPU budget.
     "maml_plus_plus": ["--meta-batch", "8", "--inner-lr", "0.1", "--inner-steps", "5", "--outer-lr-schedule", "cosine",
                        "--epoch-length", "100", "--msl-epochs", "3", "--val-every", "50"],
-    # Reptile at openai/supervised-reptile's Omniglot settings: inner Adam (beta1 = 0) on mini-batches of 5, 12 train
-    # shots validated at 1, the outer SGD step of 1 annealed to 0, meta-batch 3.
-    "reptile_paper": ["--meta-batch", "3", "--shots", "12", "--queries", "8", "--val-shots", "1", "--val-queries", "15",
-                      "--inner-steps", "12", "--inner-lr", "0.00044", "--inner-optimizer", "adam", "--inner-batch-size",
-                      "5", "--eval-batch-size", "5", "--outer-optimizer", "sgd", "--outer-lr", "1",
+    # Reptile at openai/supervised-reptile's README command for transductive 5-way 1-shot Omniglot: inner Adam (beta1
+    # = 0, lr 1e-3), 5 inner steps on mini-batches of 10 from 10 train shots per class (validated at 1 shot), the
+    # outer SGD step of 1 annealed linearly to 0, meta-batch 5; at test, Adam on batches of 5 (50 steps there, among
+    # the step choices here).
+    "reptile_paper": ["--meta-batch", "5", "--shots", "10", "--queries", "1", "--val-shots", "1", "--val-queries", "15",
+                      "--inner-steps", "5", "--inner-lr", "0.001", "--inner-optimizer", "adam", "--inner-batch-size",
+                      "10", "--eval-batch-size", "5", "--outer-optimizer", "sgd", "--outer-lr", "1",
                       "--outer-lr-schedule", "linear", "--val-every", "100"],
+    # first-order MAML at a setting chosen on validation against the row above (issue 24): 3 inner steps of 0.1 in
+    # training, as MAML's 20-way Omniglot runs (Finn et al.: 5 steps of 0.1), instead of one step of 0.4.
+    "fomaml_3step": ["--meta-batch", "8", "--inner-lr", "0.1", "--inner-steps", "3", "--val-every", "100"],
     # Matching Nets with squared Euclidean attention (the distance ProtoNet uses), temperature 1.
     "matching_net_l2": ["--meta-batch", "1", "--ways", "20", "--shots", "1", "--distance", "squared_euclidean",
                         "--val-every", "200"],
 }
-VARIANTS = {"reptile_outer_sgd": "reptile", "matching_net_t1": "matching_net", "reptile_paper": "reptile",
+EXTRA_STEP_CHOICES = {"reptile_paper": [50]}
+"""Test-time inner steps offered to a row besides ``--step-choices`` (the Reptile authors evaluate with 50)."""
+VARIANTS = {"reptile_outer_sgd": "reptile", "fomaml_3step": "fomaml", "matching_net_t1": "matching_net", "reptile_paper": "reptile",
             "matching_net_l2": "matching_net"}
 """Rows of the table that are another setting of a registered learner: row name -> ``--algorithm``."""
+NEW_HEAD_CHOICES = {"boil": ["zero", "prototypes"]}
+"""Learners whose 20-way output layer is chosen on validation (``metafunc evaluate --new-head``): BOIL's inner loop
+leaves the head alone, so a zero head must be learned with every parameter adapting, or start from the prototypes."""
 # How often each learner validates (``--val-every``) only sets the points of the plot: validation is not counted in
 # the budget and draws from its own generator, so it changes nothing else. Fast 20-way validation is the costly one.
 COMMON = ["--dataset", "omniglot", "--queries", "15", "--width", "64", "--val-episodes", "100",
@@ -127,23 +138,37 @@ def run_learner(name: str, *, budget: float, out: Path, data_root: str, episodes
     chosen = None
     validation: dict[int, float] = {}
     if adapts:
-        for k in step_choices:
+        for k in sorted({*step_choices, *EXTRA_STEP_CHOICES.get(name, [])}):
             r = _evaluate(ckpt, folder / f"val_steps{k}.json", log, "--split", "val", "--episodes", str(val_episodes),
                           "--inner-steps", str(k), *TESTS["5w1s"], "--seed", "1")
             validation[k] = r["mean"]
         chosen = max(validation, key=lambda k: validation[k])
+    steps = ["--inner-steps", str(chosen)] if chosen is not None else []
+    validation_20w, head = _choose_new_head(algorithm, ckpt, folder, log, val_episodes, steps)
     tests = {}
     for setting, flags in TESTS.items():
-        extra = ["--inner-steps", str(chosen)] if chosen is not None else []
+        extra = [*steps, *(["--new-head", head] if head and setting == "20w1s" else [])]
         tests[setting] = _evaluate(ckpt, folder / f"test_{setting}.json", log, "--split", "test", "--episodes",
                                    str(episodes), *flags, *extra)
     records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     iterations = max(r["iteration"] for r in records if r["split"] == "train")
     row = {"learner": name, "flags": SETTINGS[name], "budget": budget, "config": config, "iterations": iterations,
-           "test_inner_steps": chosen, "validation_5w1s": validation, "tests": tests,
+           "test_inner_steps": chosen, "validation_5w1s": validation, "new_head_20w": head,
+           "validation_20w1s": validation_20w, "tests": tests,
            "curve": [(r.get("train_seconds"), r["accuracy"]) for r in records if r["split"] == "val"]}
     row_file.write_text(json.dumps(row, indent=1))
     return row
+
+
+def _choose_new_head(algorithm: str, ckpt: Path, folder: Path, log: Path, val_episodes: int,
+                     steps: list[str]) -> tuple[dict[str, float], str | None]:
+    """The 20-way output layer of a learner in ``NEW_HEAD_CHOICES``, chosen on 20-way 1-shot validation episodes."""
+    if algorithm not in NEW_HEAD_CHOICES:
+        return {}, None
+    validation = {head: _evaluate(ckpt, folder / f"val_20w1s_{head}.json", log, "--split", "val", "--episodes",
+                                  str(val_episodes), *TESTS["20w1s"], *steps, "--new-head", head, "--seed", "1")["mean"]
+                  for head in NEW_HEAD_CHOICES[algorithm]}
+    return validation, max(validation, key=lambda h: validation[h])
 
 
 def _table(rows: list[dict[str, Any]], budget: float, command: str) -> str:

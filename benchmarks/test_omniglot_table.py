@@ -21,17 +21,24 @@ def test_the_table_script_runs_end_to_end_at_a_smoke_budget(tmp_path):
             pytest.fail("METAFUNC_DATA is not set to the shared data folder; .ci/run sets it")
         pytest.skip("real data not found: set METAFUNC_DATA")
     out = tmp_path / "table"
-    assert omniglot_table.main(["--budget", "2", "--learners", "maml", "protonet", "matching_net_t1", "--episodes", "10",
+    assert omniglot_table.main(["--budget", "2", "--learners", "maml", "protonet", "matching_net_t1", "boil",
+                                "--episodes", "10",
                                 "--val-episodes", "10", "--step-choices", "1", "3", "--data-root",
                                 str(Path(data, "omniglot")), "--out", str(out)]) == 0
     rows = json.loads((out / "results.json").read_text())
-    assert [r["learner"] for r in rows] == ["maml", "protonet", "matching_net_t1"]
-    maml, protonet, variant = rows
+    assert [r["learner"] for r in rows] == ["maml", "protonet", "matching_net_t1", "boil"]
+    maml, protonet, variant, boil = rows
     # a variant row is another setting of a registered learner: trained as --algorithm matching_net, temperature 1
     assert variant["config"]["algorithm"] == "matching_net" and variant["config"]["options"] == {}
     assert variant["test_inner_steps"] is None
     assert maml["test_inner_steps"] in (1, 3) and set(maml["validation_5w1s"]) == {"1", "3"}
     assert protonet["test_inner_steps"] is None                      # no inner loop to choose
+    # BOIL's 20-way output layer is chosen on 20-way validation episodes, and the test uses the choice
+    assert set(boil["validation_20w1s"]) == {"zero", "prototypes"} and maml["new_head_20w"] is None
+    chosen = max(boil["validation_20w1s"], key=boil["validation_20w1s"].get)
+    assert boil["new_head_20w"] == chosen
+    note = boil["tests"]["20w1s"]["output_layer"]
+    assert ("support prototypes" in note) == (chosen == "prototypes") and ("zero-initialised" in note) == (chosen == "zero")
     for r in rows:
         assert r["config"]["time_budget"] == 2.0 and r["iterations"] >= 1
         assert set(r["tests"]) == {"5w1s", "5w5s", "20w1s"}
