@@ -179,7 +179,7 @@ def test_torch_norm_layers_refused_under_vmap():
     model, params = functionalize(module)
     learner = checkpointed_maml(model, inner_lr=0.1, steps=2)
     with pytest.raises(ValueError, match="checkpointed_maml: the model has torch norm layers"):
-        meta_batch(learner.meta_loss)(params, _tasks())
+        meta_batch(learner.meta_loss, mode="vmap")(params, _tasks())
 
 
 def test_registry_builds_every_path_and_rejects_unknown_names():

@@ -46,7 +46,9 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1",
        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 SYNTHETIC = ["--dataset", "synthetic", "--width", "16", "--meta-batch", "4", "--val-every", "0", "--val-episodes", "4",
-             "--no-progress", "--threads", "1", "--checkpoint-every", "100000"]
+             "--no-progress", "--threads", "1", "--checkpoint-every", "100000", "--mode", "loop"]
+# A fixed --mode: two independent runs are bit-identical only with the same plan, and --mode auto measures its plan
+# (a resumed run keeps its own from the checkpoint: tests/test_training.py)
 
 
 def _cli(*args: str) -> subprocess.Popen:
@@ -201,7 +203,7 @@ def _nan_at(call: int, *, loss_too: bool = False):
 
 def _cfg(out: Path, **kw) -> TrainConfig:
     base = dict(dataset="synthetic", iterations=8, meta_batch=3, width=8, val_every=0, val_episodes=3,
-                checkpoint_every=2, out=str(out))
+                checkpoint_every=2, out=str(out), mode="loop")   # a fixed plan: compared with an independent run
     return TrainConfig(**{**base, **kw})
 
 

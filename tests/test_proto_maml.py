@@ -204,8 +204,9 @@ def test_bad_input_is_refused_eagerly():
     encoder, params = functionalize(torch_encoder())
     tasks = few_shot_tasks()
     with pytest.raises(ValueError, match=r"proto_maml: the encoder has torch norm layers .*metafunc.convert_norm_layers"):
-        meta_batch(proto_maml(encoder).meta_loss)(params, tasks)
+        meta_batch(proto_maml(encoder).meta_loss, mode="vmap")(params, tasks)
     meta_batch(proto_maml(encoder).meta_loss, mode="loop")(params, tasks)  # exact in a loop: allowed
+    meta_batch(proto_maml(encoder).meta_loss)(params, tasks)               # and auto takes the loop
     exact, exact_params = functionalize(convert_norm_layers(torch_encoder()))
     missing = Task(tasks.support_x, tasks.support_y.clamp(max=1), *tasks[2:])
     with pytest.raises(ValueError, match=r"fo_proto_maml: the support set of task 0 has no example of class 2"):

@@ -60,6 +60,8 @@ def _report(result: TrainResult, cfg: ResolvedConfig, args: argparse.Namespace) 
     budget = f" ({result.train_seconds:.1f} s of meta-steps, budget {cfg.time_budget:g} s)" if cfg.time_budget else ""
     print(f"trained {done} iterations in {result.seconds:.1f} s{budget}; checkpoint {out / 'checkpoint.pt'}, "
           f"metrics {out / 'metrics.jsonl'}, learning curve {out / 'learning_curve.png'}")
+    if result.plan is not None:
+        print(f"meta-step: {result.plan} (measured by --mode auto; fix it with --mode loop or --mode vmap)")
     if cfg.dataset == "sinusoid" and not args.no_baseline:
         comparison, results, figure = compare_with_baseline(result, episodes=args.eval_episodes,
                                                             progress=not args.no_progress)

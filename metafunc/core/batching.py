@@ -15,7 +15,7 @@ from metafunc.core.task_function import checks_of, per_task_function
 from metafunc.core.types import Metrics, Params, PerTaskFn, Task, check_task
 
 __all__ = ["meta_batch", "resolve_mode", "task_memory_estimate", "MODES", "Mode", "checked_tasks", "check_batching_options",
-           "check_finite_tasks"]
+           "check_finite_tasks", "vmap_runs"]
 
 Mode = Literal["auto", "vmap", "loop"]
 """How a meta-batch runs: ``"vmap"``, ``"loop"``, or ``"auto"`` (one of them per device and model size)."""
@@ -63,6 +63,9 @@ def resolve_mode(params: Params, tasks: Task, *, mode: str = "auto",
     * ``"vmap"`` on a GPU, where a meta-batch of small tasks is launch-bound; with ``chunk_size`` (yours, or one
       chosen so a chunk's estimated activations fit in ``AUTO_VMAP_MEMORY_FRACTION`` of the free memory).
 
+    This is :func:`meta_batch`'s rule (evaluation, objectives under ``torch.func``); the training step
+    :func:`metafunc.meta_value_and_grad` chooses by measuring (:mod:`metafunc.step.plan`).
+
     Example:
         >>> from metafunc import Task
         >>> tasks = Task(torch.randn(8, 5, 1), torch.randn(8, 5, 1), torch.randn(8, 5, 1), torch.randn(8, 5, 1))
@@ -86,6 +89,25 @@ def resolve_mode(params: Params, tasks: Task, *, mode: str = "auto",
         return "vmap", None
     fits = max(1, int(free * AUTO_VMAP_MEMORY_FRACTION // task_memory_estimate(params, tasks)))
     return "vmap", None if fits >= tasks.num_tasks else fits
+
+
+def vmap_runs(per_task: Callable, params: Params, tasks: Task) -> bool:
+    """Whether the learner accepts running these tasks under ``vmap`` (its eager checks with ``vmapped=True``:
+    torch's norm layers at second order are refused there); any callable without checks may be tried.
+
+    Example:
+        >>> from metafunc import Task
+        >>> vmap_runs(lambda p, t: t.query_x.sum(), {}, Task(*[torch.zeros(2, 3, 1)] * 4))
+        True
+    """
+    check, _ = checks_of(per_task_function(per_task, "vmap_runs"))
+    if check is None:
+        return True
+    try:
+        check(params, tasks, vmapped=True)
+    except (ValueError, TypeError):
+        return False
+    return True
 
 
 def task_memory_estimate(params: Params, tasks: Task) -> int:
@@ -188,10 +210,10 @@ def meta_batch(
 
     ``mode="vmap"`` vectorises over tasks with :func:`torch.func.vmap` (``chunk_size`` tasks at a time to bound
     memory); ``mode="loop"`` runs a Python loop and gives the same numbers; ``mode="auto"`` (the default) picks
-    one of them per call with :func:`resolve_mode` (the loop on a CPU, where it is the fastest; ``vmap``, chunked to
-    fit the free memory, on a GPU). Under ``"auto"`` a model must be exact under ``vmap`` (metafunc's norm layers,
-    not torch's fused ones, at second order), so the same code gives the same numbers on every device; force
-    ``mode="loop"`` to run torch's norm layers. The result is ``(loss, metrics)``
+    one of them per call with :func:`resolve_mode` (the loop on a CPU; ``vmap``, chunked to fit the free memory,
+    on a GPU, unless the learner refuses the model under ``vmap``, as it does torch's fused norm layers at second
+    order: then the loop). The training step :func:`metafunc.meta_value_and_grad` measures instead of guessing.
+    The result is ``(loss, metrics)``
     reduced over tasks (``reduce="mean"`` by default; ``"none"`` keeps one value per task). Inputs are checked
     eagerly, before any transform runs; a learner's own checks (label range, parameter names, models that would get
     wrong second-order gradients under vmap) run here too.
@@ -221,8 +243,11 @@ def meta_batch(
 
     @functools.wraps(per_task)
     def batched(params: Params, tasks: Task) -> tuple[Tensor, Metrics]:
-        tasks = checked_tasks("meta_batch", per_task, params, tasks, mode=mode, validate=validate)
+        tasks = checked_tasks("meta_batch", per_task, params, tasks, mode="loop" if mode == "auto" else mode,
+                              validate=validate)
         run_mode, run_chunk = resolve_mode(params, tasks, mode=mode, chunk_size=chunk_size)
+        if mode == "auto" and run_mode == "vmap" and not vmap_runs(per_task, params, tasks):
+            run_mode, run_chunk = "loop", None   # e.g. torch's norm layers at second order: exact in a loop only
         if run_mode == "vmap":
             try:
                 with _no_attention_fast_path():

@@ -4,8 +4,8 @@
 single backward pass, so its peak memory grows with the number of tasks. :func:`meta_value_and_grad` differentiates
 each task (``mode="loop"``) or each chunk of tasks (``mode="vmap"``) as soon as it has run and adds the gradients up:
 the same meta-gradient (up to the order of a floating-point sum) in the same time, with the peak memory of one task
-or one chunk. ``mode="auto"`` picks the loop on a CPU and chunked ``vmap`` on a GPU (see
-:func:`metafunc.core.batching.resolve_mode`).
+or one chunk. ``mode="auto"`` measures the candidate ways on the first calls and keeps the fastest (see
+:mod:`metafunc.step.plan`).
 """
 
 from __future__ import annotations
@@ -19,9 +19,17 @@ import torch
 from torch import Tensor
 
 from metafunc._shared import check_steps, under_func_transform
-from metafunc.core.batching import check_batching_options, checked_tasks, meta_batch, resolve_mode, task_memory_estimate
+from metafunc.core.batching import check_batching_options, checked_tasks, meta_batch, task_memory_estimate
 from metafunc.core.task_function import checks_of, per_task_function
 from metafunc.core.types import Metrics, Params, PerTaskFn, Task
+from metafunc.step.plan import (
+    AUTO_CPU_MEMORY_FRACTION,
+    AutoPlanner,
+    StepPlan,
+    available_memory,
+    candidate_plans,
+    plan_key,
+)
 
 __all__ = ["meta_value_and_grad", "resolve_workers", "AUTO_CPU_WORKERS", "AUTO_CPU_MEMORY_FRACTION"]
 
@@ -31,22 +39,6 @@ AUTO_CPU_WORKERS = 2
 ``benchmarks/RESULTS.md`` two tasks at a time on one core each beat one task at a time on both cores for every
 Conv-4 width measured (see there); each task in flight holds its own activations, so the peak memory is that of
 this many tasks."""
-
-AUTO_CPU_MEMORY_FRACTION = 0.25
-"""Under ``workers=None``, the tasks in flight may use about this fraction of the available memory (``MemAvailable``
-in ``/proc/meminfo``), by :func:`metafunc.core.batching.task_memory_estimate`; fewer run at once when they would not."""
-
-
-def _available_memory() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:  # pragma: no cover - not Linux
-        return None
-    return None  # pragma: no cover
-
 
 _POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
 _POOLS_LOCK = threading.Lock()
@@ -90,8 +82,7 @@ def resolve_workers(per_task: Callable, tasks: Task, *, mode: str, workers: int 
                     params: Params | None = None) -> int:
     """How many tasks :func:`meta_value_and_grad` runs at once (each on its own thread) for these tasks.
 
-    One, unless the meta-batch runs as a loop (``mode`` as resolved by :func:`metafunc.core.batching.resolve_mode`) on a
-    CPU, outside any ``torch.func`` transform and autocast region and outside a task that is itself on a worker
+    One, unless the meta-batch runs as a loop (``mode="loop"``) on a CPU, outside any ``torch.func`` transform and autocast region and outside a task that is itself on a worker
     thread. Then ``workers`` is used as given (at most one per
     task), and ``workers=None`` picks ``min(tasks, AUTO_CPU_WORKERS, torch.get_num_threads())`` when ``per_task``
     says it is safe to call from several threads (a metafunc learner's function over a model from
@@ -118,7 +109,7 @@ def resolve_workers(per_task: Callable, tasks: Task, *, mode: str, workers: int 
     if not safe():
         return 1
     count = max(1, min(n, AUTO_CPU_WORKERS, torch.get_num_threads()))
-    available = _available_memory()
+    available = available_memory(torch.device("cpu"))
     if available is not None:
         need = task_memory_estimate(params or {}, tasks)
         while count > 1 and count * need > AUTO_CPU_MEMORY_FRACTION * available:
@@ -139,13 +130,19 @@ def meta_value_and_grad(
     ``grads`` holds the gradient of the mean of ``per_task`` over the meta-batch with respect to every parameter
     that requires grad (the tensor ``meta_batch(per_task)(params, tasks)[0].backward()`` would put in ``.grad``).
     Each task (``mode="loop"``) or chunk of ``chunk_size`` tasks (``mode="vmap"``) is differentiated as soon as it
-    has run, so the peak memory is that of one task or chunk instead of the whole meta-batch. ``mode="auto"`` (the
-    default) picks with :func:`metafunc.core.batching.resolve_mode`: a loop of plain ``torch.autograd`` steps on a CPU,
-    chunked ``vmap`` on a GPU. In a loop on a CPU, ``workers`` tasks run at once, each on its own thread with
-    ``torch.get_num_threads() // workers`` intra-op threads (:func:`resolve_workers`; ``None`` picks 2 for metafunc's
-    learners, 1 for other callables). The gradients are added up in task order, so a given setting gives the same
-    bits on every run; settings with different thread counts agree to floating-point rounding. ``loss`` and
-    ``metrics`` are detached. (There is no bf16 option: under bf16 autocast
+    has run, so the peak memory is that of one task or chunk instead of the whole meta-batch. In a loop on a CPU,
+    ``workers`` tasks run at once, each on its own thread with ``torch.get_num_threads() // workers`` intra-op
+    threads (:func:`resolve_workers`; ``None`` picks 2 for metafunc's learners, 1 for other callables).
+
+    ``mode="auto"`` (the default) measures instead of guessing (:mod:`metafunc.step.plan`): for each new signature
+    (shapes, dtypes, device) the first calls run the candidates (the loop with 1 or 2 workers, ``vmap`` over all
+    tasks or chunks of them, within a memory bound) in turn, ``AUTO_TRIALS`` times each, and later calls keep the
+    fastest. A candidate that cannot run (an op without a batching rule, data-dependent control flow, torch's norm
+    layers at second order under vmap) is skipped; the loop always runs. ``step.plan`` is the
+    :class:`~metafunc.step.plan.StepPlan` of the last call, ``step.planner.report()`` the timings; pass ``mode``
+    (and ``chunk_size``/``workers``) to fix the plan. The gradients are added up in task order, so a given plan
+    gives the same bits on every run; plans agree to floating-point rounding. ``loss`` and ``metrics`` are
+    detached. (There is no bf16 option: under bf16 autocast
     the second-order Conv-4 meta-gradient was 25-47% off the float32 one, see ``benchmarks/RESULTS.md``.)
 
     Example:
@@ -154,9 +151,12 @@ def meta_value_and_grad(
         >>> learner = maml(model, inner_lr=0.01, steps=1, loss="mse")
         >>> optimizer = torch.optim.Adam(params.values(), lr=1e-3)
         >>> tasks = sinusoid_tasks(4, shots=5, generator=torch.Generator().manual_seed(0))
-        >>> loss, metrics, grads = meta_value_and_grad(learner)(params, tasks)
+        >>> step = meta_value_and_grad(learner)
+        >>> loss, metrics, grads = step(params, tasks)
         >>> apply_grads(params, grads)
         >>> optimizer.step()
+        >>> step.plan.mode in ("loop", "vmap")   # the way this call ran; fixed once the candidates are measured
+        True
     """
     per_task = per_task_function(per_task, "meta_value_and_grad")
     check_batching_options("meta_value_and_grad", mode, chunk_size)
@@ -166,50 +166,75 @@ def meta_value_and_grad(
             raise ValueError(f"meta_value_and_grad: workers={workers} runs tasks on threads, which needs mode='loop' "
                              "or 'auto' (got mode='vmap'); drop workers or use mode='loop'")
 
+    planner = AutoPlanner()
+
     def step(params: Params, tasks: Task) -> tuple[Tensor, Metrics, Params]:
         if not isinstance(params, dict):
             raise TypeError(f"meta_value_and_grad: params must be a dict of tensors (got {type(params).__name__})")
-        tasks = checked_tasks("meta_value_and_grad", per_task, params, tasks, mode=mode, validate=validate)
+        tasks = checked_tasks("meta_value_and_grad", per_task, params, tasks, mode="loop" if mode == "auto" else mode,
+                              validate=validate)
         names = [k for k, v in params.items() if isinstance(v, Tensor) and v.requires_grad]
         if not names:
             raise ValueError("meta_value_and_grad: no parameter requires grad; pass leaves from functionalize(module) "
                              "(or call .requires_grad_() on the ones to meta-learn)")
-        leaves = [params[k] for k in names]
-        run_mode, run_chunk = resolve_mode(params, tasks, mode=mode, chunk_size=chunk_size)
-        n = tasks.num_tasks
-        if n < 1:
+        if tasks.num_tasks < 1:
             raise ValueError("meta_value_and_grad: the meta-batch is empty (0 tasks); stack at least one task")
-        if run_mode == "loop":
-            bounds = [(i, i + 1) for i in range(n)]
+
+        def run_plan(plan: StepPlan) -> tuple[Tensor, Metrics, Params]:
+            return _run_plan(per_task, plan, params, tasks, names)
+
+        if mode == "auto":
+            def candidates() -> list[StepPlan]:
+                loop_workers = resolve_workers(per_task, tasks, mode="loop", workers=None, params=params)
+                return candidate_plans(per_task, params, tasks, chunk_size=chunk_size, workers=workers,
+                                       loop_workers=loop_workers)
+            out, plan = planner.run(plan_key(params, tasks), candidates, run_plan)
         else:
-            size = run_chunk or n
-            bounds = [(i, min(i + size, n)) for i in range(0, n, size)]
-        batched = meta_batch(per_task, mode="vmap", reduce="sum", validate=False)
-        grad_mode = torch.is_grad_enabled()
-
-        def differentiate(start: int, stop: int) -> tuple[tuple[Tensor | None, ...], Tensor, Metrics]:
-            with torch.set_grad_enabled(grad_mode):  # grad mode is per thread
-                if run_mode == "loop":
-                    loss, metrics = per_task(params, tasks.task_at(start))
-                else:
-                    loss, metrics = batched(params, Task(*(t[start:stop] for t in tasks)))
-                found = torch.autograd.grad(loss / n, leaves, allow_unused=True)
-            return found, loss.detach(), {k: v.detach() for k, v in metrics.items()}
-
-        total: list[Tensor | None] = [None] * len(leaves)
-        loss_sum: Tensor | None = None
-        metric_sums: dict[str, Tensor] = {}
-        run_workers = resolve_workers(per_task, tasks, mode=run_mode, workers=workers, params=params)
-        for found, loss, metrics in _in_order(differentiate, bounds, run_workers):
-            total = [g if t is None else (t if g is None else t + g) for t, g in zip(total, found)]
-            loss_sum = loss if loss_sum is None else loss_sum + loss
-            for k, v in metrics.items():
-                metric_sums[k] = v if k not in metric_sums else metric_sums[k] + v
-        grads = {k: torch.zeros_like(p) if g is None else g for k, p, g in zip(names, leaves, total)}
-        return cast(Tensor, loss_sum) / n, {k: v / n for k, v in metric_sums.items()}, grads
+            plan = StepPlan(mode, chunk_size if mode == "vmap" else None,
+                            resolve_workers(per_task, tasks, mode=mode, workers=workers, params=params))
+            out = run_plan(plan)
+        step.plan = plan  # type: ignore[attr-defined]
+        return out
 
     step.__name__ = f"meta_value_and_grad_{getattr(per_task, '__name__', 'per_task')}"
+    step.plan = None  # type: ignore[attr-defined]
+    step.planner = planner  # type: ignore[attr-defined]
     return step
+
+
+def _run_plan(per_task: Callable, plan: StepPlan, params: Params, tasks: Task,
+              names: list[str]) -> tuple[Tensor, Metrics, Params]:
+    """One meta-step run the way ``plan`` says: each task (loop, ``plan.workers`` at once) or chunk (vmap)
+    differentiated as soon as it has run, the gradients added up in task order."""
+    n = tasks.num_tasks
+    leaves = [params[k] for k in names]
+    if plan.mode == "loop":
+        bounds = [(i, i + 1) for i in range(n)]
+    else:
+        size = plan.chunk_size or n
+        bounds = [(i, min(i + size, n)) for i in range(0, n, size)]
+    batched = meta_batch(per_task, mode="vmap", reduce="sum", validate=False)
+    grad_mode = torch.is_grad_enabled()
+
+    def differentiate(start: int, stop: int) -> tuple[tuple[Tensor | None, ...], Tensor, Metrics]:
+        with torch.set_grad_enabled(grad_mode):  # grad mode is per thread
+            if plan.mode == "loop":
+                loss, metrics = per_task(params, tasks.task_at(start))
+            else:
+                loss, metrics = batched(params, Task(*(t[start:stop] for t in tasks)))
+            found = torch.autograd.grad(loss / n, leaves, allow_unused=True)
+        return found, loss.detach(), {k: v.detach() for k, v in metrics.items()}
+
+    total: list[Tensor | None] = [None] * len(leaves)
+    loss_sum: Tensor | None = None
+    metric_sums: dict[str, Tensor] = {}
+    for found, loss, metrics in _in_order(differentiate, bounds, plan.workers if plan.mode == "loop" else 1):
+        total = [g if t is None else (t if g is None else t + g) for t, g in zip(total, found)]
+        loss_sum = loss if loss_sum is None else loss_sum + loss
+        for k, v in metrics.items():
+            metric_sums[k] = v if k not in metric_sums else metric_sums[k] + v
+    grads = {k: torch.zeros_like(p) if g is None else g for k, p, g in zip(names, leaves, total)}
+    return cast(Tensor, loss_sum) / n, {k: v / n for k, v in metric_sums.items()}, grads
 
 
 def _in_order(fn: Callable[[int, int], Any], bounds: list[tuple[int, int]], workers: int):

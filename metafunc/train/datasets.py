@@ -185,7 +185,7 @@ register_dataset(
     # reference code's 70,000 meta-iterations (about 3 minutes of training on a 2-core CPU).
     "sinusoid", _sinusoid, description="MAML's sinusoid regression", defaults=dict(
         shots=10, queries=10, meta_batch=25, inner_steps=1, eval_inner_steps=10, inner_lr=0.01, outer_lr=1e-3,
-        iterations=70000, val_every=5000, val_episodes=100, checkpoint_every=5000, threads=1, mode="vmap", ways=1))
+        iterations=70000, val_every=5000, val_episodes=100, checkpoint_every=5000, threads=1, mode="auto", ways=1))
 register_dataset(
     # The MAML paper's Omniglot setting: meta-batch 32, alpha=0.4, 1 step in training and 3 at test, Adam 1e-3.
     "omniglot", omniglot_samplers, folder="omniglot", image_size=28, description="Omniglot, the official zips",

@@ -42,6 +42,7 @@ from metafunc.algorithms import MetaLearner
 from metafunc.core.types import Params
 from metafunc.registry import LEARNERS
 from metafunc.step import MetaStep, meta_value_and_grad
+from metafunc.step.plan import StepPlan
 from metafunc.train.callbacks import (
     STOP_SIGNALS,
     AgreeAcrossRanks,
@@ -63,7 +64,10 @@ from metafunc.train.plots import plot_learning_curve
 __all__ = ["TrainResult", "train", "default_is_main", "checkpoint_state", "restore_checkpoint", "trainer_step",
            "NonFiniteError", "Preempted", "EXIT_NONFINITE", "EXIT_PREEMPTED", "EXIT_CHECKPOINT", "STOP_SIGNALS",
            "nonfinite_quantity", "outer_optimizer", "outer_lr_at", "run_fraction", "COSINE_FLOOR", "RUN_FILES",
-           "run_callbacks", "EpochAnnealedStep"]
+           "run_callbacks", "EpochAnnealedStep", "measured_plan", "PLAN_PROBE_LIMIT"]
+
+PLAN_PROBE_LIMIT = 40
+"""At most this many probe meta-steps measure a ``mode="auto"`` run's plan before it starts."""
 
 EXIT_NONFINITE = 3
 """``metafunc train``'s exit status when the meta-loss or meta-gradient stopped being finite."""
@@ -101,11 +105,35 @@ class EpochAnnealedStep:
         return self.step(params, tasks)  # type: ignore[misc]
 
 
-def trainer_step(exp: Experiment, cfg: ResolvedConfig) -> MetaStep:
+def measured_plan(exp: Experiment, cfg: ResolvedConfig, source: TaskSource) -> StepPlan | None:
+    """The plan a ``mode="auto"`` run trains with, measured once before it starts (``None`` for a fixed mode):
+    :func:`metafunc.meta_value_and_grad`'s candidates timed on a probe meta-batch drawn from a generator of its own,
+    with torch's RNG state put back, so the run's draws are those of any other plan. The checkpoint keeps it, and a
+    resumed run continues with it (bit for bit).
+
+    Example:
+        >>> cfg = resolve_config(TrainConfig(dataset="synthetic", width=8, meta_batch=4))
+        >>> exp = build_experiment(cfg)
+        >>> measured_plan(exp, cfg, exp.sources["train"]).mode in ("loop", "vmap")
+        True
+    """
+    if cfg.mode != "auto":
+        return None
+    probe = source.sample(cfg.meta_batch, torch.Generator(device=cfg.device).manual_seed(cfg.seed + 1_000_003))
+    step = meta_value_and_grad(exp.learner, chunk_size=cfg.chunk_size)  # type: ignore[arg-type]
+    with torch.random.fork_rng(devices=[]):
+        for _ in range(PLAN_PROBE_LIMIT):
+            step(exp.params, probe)
+            if step.planner.plan() is not None:  # type: ignore[attr-defined]
+                return step.planner.plan()  # type: ignore[attr-defined,no-any-return]
+    return step.plan  # type: ignore[attr-defined,no-any-return]  # pragma: no cover - more candidates than the limit
+
+
+def trainer_step(exp: Experiment, cfg: ResolvedConfig, plan: StepPlan | None = None) -> MetaStep:
     """The meta-step ``metafunc train`` takes: :func:`metafunc.meta_value_and_grad` of the run's learner with the
-    run's ``mode`` and ``chunk_size`` (a task or a chunk differentiated as soon as it has run); for a learner whose
-    factory takes ``epoch`` (MAML++), an :class:`EpochAnnealedStep` that the trainer moves every ``epoch_length``
-    iterations.
+    run's ``mode`` and ``chunk_size``, or the ``plan`` measured for a ``mode="auto"`` run (:func:`measured_plan`);
+    for a learner whose factory takes ``epoch`` (MAML++), an :class:`EpochAnnealedStep` that the trainer moves
+    every ``epoch_length`` iterations.
 
     Example:
         >>> exp = build_experiment(resolve_config(TrainConfig(dataset="synthetic", width=8)))
@@ -115,10 +143,12 @@ def trainer_step(exp: Experiment, cfg: ResolvedConfig) -> MetaStep:
         True
     """
     spec = LEARNERS[cfg.algorithm]
+    how: dict[str, Any] = {"mode": cfg.mode, "chunk_size": cfg.chunk_size} if plan is None else {
+        "mode": plan.mode, "chunk_size": plan.chunk_size, "workers": plan.workers if plan.mode == "loop" else None}
     if not spec.accepts("epoch"):
-        return meta_value_and_grad(exp.learner, mode=cfg.mode, chunk_size=cfg.chunk_size)  # type: ignore[arg-type]
+        return meta_value_and_grad(exp.learner, **how)  # type: ignore[arg-type]
     return EpochAnnealedStep(lambda epoch: meta_value_and_grad(  # type: ignore[arg-type]
-        spec.build(exp.model, **{**learner_options(cfg), "epoch": epoch}), mode=cfg.mode, chunk_size=cfg.chunk_size))
+        spec.build(exp.model, **{**learner_options(cfg), "epoch": epoch}), **how))
 
 
 def default_is_main() -> bool:
@@ -154,6 +184,8 @@ class TrainResult(NamedTuple):
     seconds: float
     train_seconds: float = 0.0
     """Seconds spent in meta-steps (sampling, validation and checkpoints excluded): what ``time_budget`` counts."""
+    plan: StepPlan | None = None
+    """How the meta-batches ran, measured for ``mode="auto"`` (:func:`measured_plan`); ``None`` for a fixed mode."""
 
 
 def checkpoint_state(cfg: ResolvedConfig, iteration: int, params: Params, optimizer: torch.optim.Optimizer,
@@ -340,9 +372,10 @@ def _initial_state(cfg: ResolvedConfig, params: Params, resume: bool | str | os.
 
 def run_callbacks(cfg: ResolvedConfig, exp: Experiment, out: Path, *, is_main: bool, progress: bool,
                   sync_flag: Callable[..., tuple[bool, ...]] | None = None, barrier: Callable[[], None] | None = None,
-                  seconds_before: float = 0.0, initial: int = 0) -> list[Any]:
+                  seconds_before: float = 0.0, initial: int = 0, plan: StepPlan | None = None) -> list[Any]:
     """The callbacks of a ``metafunc train`` run, in their order: stop signals, agreement across ranks, then (main
-    process only) validation, ``metrics.jsonl``, the progress bar and checkpoints, and last the barrier.
+    process only) validation, ``metrics.jsonl``, the progress bar and checkpoints (with the measured ``plan``),
+    and last the barrier.
 
     Example:
         >>> cfg = resolve_config(TrainConfig(dataset="synthetic", width=8))
@@ -353,8 +386,9 @@ def run_callbacks(cfg: ResolvedConfig, exp: Experiment, out: Path, *, is_main: b
     t0 = time.perf_counter()
 
     def make_state(state: FitState, iteration: int) -> dict[str, Any]:
-        return checkpoint_state(cfg, iteration, state.params, state.optimizer, state.generator, state.records,
-                                seconds_before + time.perf_counter() - t0, state.train_seconds)
+        saved = checkpoint_state(cfg, iteration, state.params, state.optimizer, state.generator, state.records,
+                                 seconds_before + time.perf_counter() - t0, state.train_seconds)
+        return saved if plan is None else {**saved, "plan": plan._asdict()}
 
     callbacks: list[Any] = [StopOnSignal()]
     if sync_flag is not None:
@@ -418,13 +452,15 @@ def train(config: TrainConfig, *, resume: bool | str | os.PathLike = False, over
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.json", strict_json(cfg.to_dict(), indent=2) + "\n")
-    step = trainer_step(exp, cfg)
+    saved_plan = load_checkpoint(state.checkpoint[0]).get("plan") if resume and state.checkpoint else None
+    plan = StepPlan(**saved_plan) if saved_plan else measured_plan(exp, cfg, source)
+    step = trainer_step(exp, cfg, plan)
     epochs = [EpochSchedule(step, every=cfg.epoch_length)] if isinstance(step, EpochAnnealedStep) else []
     t0 = time.perf_counter()
     fit(step if wrap_step is None else wrap_step(step), source, state, meta_batch=cfg.meta_batch,
         time_budget=cfg.time_budget, callbacks=epochs + run_callbacks(
             cfg, exp, out, is_main=is_main, progress=progress, sync_flag=sync_flag, barrier=barrier,
-            seconds_before=seconds, initial=state.iteration),
+            seconds_before=seconds, initial=state.iteration, plan=plan),
         lr_at=None if cfg.outer_lr_schedule == "constant" else lambda it, secs: outer_lr_at(cfg, it, secs),
         on_nonfinite=cfg.on_nonfinite, max_nonfinite=cfg.max_nonfinite,  # type: ignore[arg-type]
         nonfinite_advice=f"Lower --outer-lr or --inner-lr (now {cfg.outer_lr:g} and {cfg.inner_lr:g}), or pass "
@@ -432,4 +468,4 @@ def train(config: TrainConfig, *, resume: bool | str | os.PathLike = False, over
     seconds += time.perf_counter() - t0
     if is_main and (state.iteration == cfg.iterations or state.stop == "budget"):
         plot_learning_curve(state.records, out / "learning_curve.png", title=f"{cfg.algorithm} on {cfg.dataset}")
-    return TrainResult(state.params, state.records, out, cfg, exp, seconds, state.train_seconds)
+    return TrainResult(state.params, state.records, out, cfg, exp, seconds, state.train_seconds, plan)
