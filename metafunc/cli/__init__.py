@@ -107,8 +107,8 @@ def _add_episode_and_optimiser_flags(t: argparse.ArgumentParser) -> None:
 
 def _add_run_flags(t: argparse.ArgumentParser) -> None:
     t.add_argument("--mode", choices=("auto", "vmap", "loop"),
-                   help="meta-batch over tasks: vmap (sinusoid default), loop, or auto (loop on CPU, vmap on GPU; "
-                        "the classification default)")
+                   help="how a meta-batch runs: auto (the default: the fastest of loop, threads, vmap and vmap "
+                        "chunks, timed before training and kept in the checkpoint), loop or vmap")
     t.add_argument("--chunk-size", type=int, help="vmap this many tasks at a time (memory)")
     t.add_argument("--threads", type=int, help="torch CPU threads (sinusoid default 1: tiny matrices)")
     t.add_argument("--device", help="cpu (default), cuda, cuda:1, ...")
@@ -149,7 +149,7 @@ def _add_evaluate_command(sub: Any) -> None:
     e.add_argument("--inner-steps", type=int, help="test-time inner steps (default: the run's eval_inner_steps)")
     e.add_argument("--new-head", choices=("zero", "prototypes"),
                    help="at other ways than trained: a zero output layer adapted in the inner loop, or one initialised "
-                        "from the support prototypes (default: prototypes for boil, zero otherwise)")
+                        "from the support prototypes (default zero)")
     e.add_argument("--split", choices=("test", "val"), default="test", help="which split to draw episodes from")
     e.add_argument("--data-root", help="folder with the Omniglot zips (default: as trained)")
     e.add_argument("--device", help="device (default: as trained)")
