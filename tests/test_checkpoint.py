@@ -88,7 +88,8 @@ def test_the_trainer_keeps_the_previous_iteration_in_checkpoint_prev(tmp_path):
 
     def run(iterations: int, out: str):
         train(TrainConfig(dataset="synthetic", iterations=iterations, width=8, meta_batch=2, checkpoint_every=1,
-                          val_every=0, val_episodes=2, out=str(tmp_path / out)), progress=False)
+                          val_every=0, val_episodes=2, out=str(tmp_path / out), mode="loop"),  # one plan for both runs
+              progress=False)
         path = tmp_path / out / "checkpoint.pt"
         return load_checkpoint(path), load_checkpoint(previous_path(path))
 

@@ -157,8 +157,12 @@ def test_the_trainer_takes_the_default_step(tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "meta_value_and_grad", spy)
     assert main(["train", "--dataset", "synthetic", "--iterations", "1", "--width", "8", "--no-progress",
                  "--out", str(tmp_path)]) == 0
-    [(learner, kwargs)] = calls
-    assert isinstance(learner, mf.MetaLearner) and learner.name == "maml" and kwargs["mode"] == "auto"
+    # mode="auto": one step measures the plan on a probe meta-batch, then the trainer's step runs with that plan
+    [(probe, probe_kwargs), (learner, kwargs)] = calls
+    assert probe is learner and isinstance(learner, mf.MetaLearner) and learner.name == "maml"
+    assert probe_kwargs.get("mode", "auto") == "auto" and kwargs["mode"] in ("loop", "vmap")
+    saved = mf.train.checkpoint.load_checkpoint(tmp_path / "checkpoint.pt")["plan"]
+    assert (saved["mode"], saved["chunk_size"]) == (kwargs["mode"], kwargs["chunk_size"])
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -113,7 +113,7 @@ def test_workers_none_picks_two_for_learners_and_one_where_threads_are_not_known
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     assert resolve(learner.meta_loss, tasks, mode="loop", workers=None, params=params) == 1
     monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
-    monkeypatch.setattr(fast, "_available_memory", lambda: 1_000_000)  # 1 MB free: two tasks do not fit
+    monkeypatch.setattr(fast, "available_memory", lambda device: 1_000_000)  # 1 MB free: two tasks do not fit
     assert resolve(learner.meta_loss, tasks, mode="loop", workers=None, params=params) == 1
 
 
