@@ -102,7 +102,7 @@ def measure(name: str, rounds: int) -> dict[str, Any]:
         calls += 1
     measuring = time.perf_counter() - start
     report = auto.planner.report()
-    steps = {"auto": auto} | {p: _fixed(learner, _plan(p)) for p in report["candidates"] if p not in report["skipped"]}
+    steps = {"auto": auto} | {str(p): _fixed(learner, p) for p in auto.planner.candidates()}
     times: dict[str, list[float]] = {k: [] for k in steps}
     for round_ in range(rounds + 1):            # round 0 warms every fixed plan up
         for k, step in steps.items():
@@ -115,12 +115,6 @@ def measure(name: str, rounds: int) -> dict[str, Any]:
     return {"workload": name, "chosen": report["chosen"], "measuring_calls": calls, "measuring_seconds": measuring,
             "skipped": report["skipped"], "seconds": median, "best": best,
             "auto_over_best": median["auto"] / median[best]}
-
-
-def _plan(text: str) -> StepPlan:
-    if text.startswith("loop"):
-        return StepPlan("loop", workers=int(text.split(", ")[1].split()[0]) if "," in text else 1)
-    return StepPlan("vmap", int(text.rsplit(" ", 1)[1]) if "chunks" in text else None)
 
 
 def main(argv: list[str] | None = None) -> int:

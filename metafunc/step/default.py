@@ -82,9 +82,9 @@ def resolve_workers(per_task: Callable, tasks: Task, *, mode: str, workers: int 
                     params: Params | None = None) -> int:
     """How many tasks :func:`meta_value_and_grad` runs at once (each on its own thread) for these tasks.
 
-    One, unless the meta-batch runs as a loop (``mode="loop"``) on a CPU, outside any ``torch.func`` transform and autocast region and outside a task that is itself on a worker
-    thread. Then ``workers`` is used as given (at most one per
-    task), and ``workers=None`` picks ``min(tasks, AUTO_CPU_WORKERS, torch.get_num_threads())`` when ``per_task``
+    One, unless the meta-batch runs as a loop (``mode="loop"``) on a CPU, outside any ``torch.func`` transform and
+    autocast region and outside a task that is itself on a worker thread. Then ``workers`` is used as given (at most
+    one per task), and ``workers=None`` picks ``min(tasks, AUTO_CPU_WORKERS, torch.get_num_threads())`` when ``per_task``
     says it is safe to call from several threads (a metafunc learner's function over a model from
     :func:`metafunc.functionalize` without dropout or attention, see :func:`metafunc.core.functional.thread_safe`), and 1
     for any other callable; fewer when that many tasks would not fit in ``AUTO_CPU_MEMORY_FRACTION`` of the available

@@ -191,6 +191,11 @@ class AutoPlanner:
         search = self._searches.get(self._last if key is None else key)
         return None if search is None else search.chosen
 
+    def candidates(self, key: Hashable = None) -> list[StepPlan]:
+        """The candidates that ran for ``key`` (default: the last call's), skipped ones left out."""
+        search = self._searches[self._last if key is None else key]
+        return [c for c in search.candidates if c not in search.skipped]
+
     def report(self, key: Hashable = None) -> dict[str, Any]:
         """The candidates, the best seconds of each measured one, the skipped ones with why, and the choice, for
         ``key`` (default: the last call's)."""
