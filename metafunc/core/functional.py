@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from metafunc.core.types import Params, Task, check_task
+from metafunc.hf import is_transformers_model
 from metafunc.nn.norm import find_torch_norm_layers
 
 __all__ = ["FunctionalModel", "functionalize", "check_params", "check_task_dtypes", "check_model_input", "thread_safe",
@@ -81,7 +82,9 @@ def functionalize(module: nn.Module) -> tuple[FunctionalModel, Params]:
     """Return ``(model, params)``: a pure ``model(params, x)`` and a copy of the module's parameters.
 
     The parameters are fresh leaf tensors (``requires_grad=True``), ready for ``torch.optim``; the module is left
-    as it was. Buffers (running statistics, constants) are copied into the model as constants.
+    as it was. Buffers (running statistics, constants) are copied into the model as constants. A Hugging Face
+    ``transformers`` model (BERT, RoBERTa, DistilBERT) is wrapped in :class:`metafunc.hf.TransformerEncoder` first,
+    so that it is exact under ``vmap`` and takes integer tokens; other ``transformers`` models are refused there.
 
     Example:
         >>> model, params = functionalize(nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 1)))
@@ -91,6 +94,10 @@ def functionalize(module: nn.Module) -> tuple[FunctionalModel, Params]:
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"functionalize: module must be an nn.Module (got {type(module).__name__})")
+    if is_transformers_model(module):
+        from metafunc.hf import TransformerEncoder
+
+        module = TransformerEncoder(module)
     model = FunctionalModel(module)
     return model, model.init_params()
 

@@ -67,8 +67,9 @@ def _check_images_and_labels(images: Any, labels: Any, dtype: Any) -> None:
         raise TypeError(f"{_NAME}: labels must hold integer class ids (got dtype {labels.dtype})")
     if images.shape[0] == 0:
         raise ValueError(f"{_NAME}: the data set is empty (images of shape {tuple(images.shape)})")
-    if not (images.is_floating_point() or images.dtype == torch.uint8):
-        raise TypeError(f"{_NAME}: images must be uint8 or floating point (got dtype {images.dtype})")
+    if images.is_complex() or images.dtype == torch.bool:
+        raise TypeError(f"{_NAME}: images must be uint8 images, floating point, or integer token ids "
+                        f"(got dtype {images.dtype})")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"{_NAME}: dtype must be a floating torch.dtype (got {dtype!r})")
 
@@ -112,7 +113,8 @@ class EpisodeSampler:
 
     ``images`` is any tensor whose first dimension indexes examples and ``labels`` a 1-D integer tensor of class ids
     (any values; they are renumbered). Both are copied once to ``device``. ``uint8`` images are returned as floats
-    in ``[0, 1]`` (divided by 255); floating images are returned as they are (cast to ``dtype``).
+    in ``[0, 1]`` (divided by 255); floating images are returned as they are (cast to ``dtype``); other integer
+    examples (token ids, as :func:`metafunc.hf.tokenize` makes them) are returned as they are, integers.
 
     Each task picks ``ways`` distinct classes uniformly, then ``shots + queries`` distinct examples of each class;
     the i-th picked class gets label ``i``, so the class-to-label map is a fresh random permutation per task, and the
@@ -218,7 +220,10 @@ class EpisodeSampler:
                 rot = torch.gather((classes % 4)[..., None].expand(b, w, n).reshape(b, w * n), 1, perm)
                 pos = pos * 4 + rot
             x = torch.index_select(self._rows, 0, pos.reshape(-1)).view(b, w * n, *self.example_shape)
-            x = x.to(self.dtype).mul_(1 / 255) if self.images.dtype == torch.uint8 else x.to(self.dtype)
+            if self.images.dtype == torch.uint8:
+                x = x.to(self.dtype).mul_(1 / 255)
+            elif self.images.is_floating_point():
+                x = x.to(self.dtype)
             parts += [x, y.to(torch.int64)]
         return Task(*parts)
 
