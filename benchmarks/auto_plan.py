@@ -9,8 +9,9 @@ median seconds per meta-step of each and ``auto / best``. Workloads:
 * ``conv4``: the Omniglot meta-step, second-order MAML, Conv-4 width 64 with BatchNorm, 5-way 1-shot, 15 queries
   per class, meta-batch 8;
 * ``resnet12``: second-order MAML on ResNet-12 at 32x32, 5-way 1-shot, 5 queries per class, meta-batch 4;
-* ``minilm``: ProtoMAML with MiniLM's top transformer layer adapted (all-MiniLM-L6-v2's shape, random weights: the
-  speed does not depend on them), over cached lower-layer states, 5-way 1-shot, 5 queries, length 32, meta-batch 4.
+* ``minilm``: ProtoMAML with MiniLM's top transformer layer adapted (transformers' BertModel in all-MiniLM-L6-v2's
+  shape, random weights: the speed does not depend on them), over cached lower-layer states, 5-way 1-shot,
+  5 queries, length 32, meta-batch 4.
 
     python benchmarks/auto_plan.py                      # all four, 5 rounds
     python benchmarks/auto_plan.py --workloads readme conv4 --rounds 9 --json out.json
@@ -68,11 +69,14 @@ def _resnet12() -> tuple[Any, dict, mf.Task]:
 
 
 def _minilm() -> tuple[Any, dict, mf.Task]:
-    from metafunc.text.minilm import MiniLM, MiniLMTop
+    import transformers
+
+    from metafunc.hf import TransformerEncoder
 
     torch.manual_seed(0)
-    net = MiniLM(vocab_size=30522, width=384, layers=6, heads=12, intermediate=1536).eval()
-    encoder, params = mf.functionalize(MiniLMTop(net, top=1))
+    config = transformers.BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                                     intermediate_size=1536)
+    encoder, params = mf.functionalize(TransformerEncoder(transformers.BertModel(config), top=1))
     g = torch.Generator().manual_seed(0)
 
     def states(n: int) -> torch.Tensor:

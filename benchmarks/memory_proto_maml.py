@@ -47,8 +47,7 @@ def run_case(case: str, grad_path: str, *, device: str, steps: int, shots: int, 
     torch.manual_seed(0)
     tokenizer, minilm = load_minilm()
     if encoder == "top":   # seed 000: cached states below the top layers, which run and adapt in the task
-        from metafunc.text.minilm import MiniLMTop, lower_states
-        module = MiniLMTop(minilm, top=adapt_layers).to(device)
+        module = minilm.top_layers(adapt_layers).to(device)
     else:
         module = SentenceEncoder(minilm, hidden=256, out_features=128).to(device)
     model, params = functionalize(module)
@@ -64,7 +63,7 @@ def run_case(case: str, grad_path: str, *, device: str, steps: int, shots: int, 
 
     def inputs(texts):
         tokens = tokenize(tokenizer, texts)
-        return lower_states(minilm, tokens, top=adapt_layers) if encoder == "top" else tokens
+        return minilm.lower_states(tokens, top=adapt_layers) if encoder == "top" else tokens
 
     task = Task(inputs(xs)[None], torch.tensor([ys]), inputs(xq)[None], torch.tensor([yq]))
     task = task.to(device)

@@ -8,9 +8,9 @@ from test_protonet import leaves
 
 from metafunc import Task, fo_proto_maml, functionalize, meta_batch, proto_maml, protonet
 from metafunc.core.tree import tree_relative_error
+from metafunc.hf import TransformerEncoder
 from metafunc.text import (
     DEFAULT_TEST_DOMAINS,
-    MiniLM,
     SentenceEncoder,
     clinc_domain_split,
     clinc_samplers,
@@ -55,18 +55,21 @@ def test_samplers_keep_held_out_domains_apart(data_root):
 
 
 def tiny_minilm(dtype=torch.float64) -> SentenceEncoder:
+    transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    return SentenceEncoder(MiniLM(vocab_size=40, width=8, layers=1, heads=2, intermediate=16, max_positions=12),
-                           in_features=8, hidden=8, out_features=6).to(dtype)
+    config = transformers.BertConfig(vocab_size=40, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=16, max_position_embeddings=12)
+    bert = TransformerEncoder(transformers.BertModel(config).to(dtype))
+    return SentenceEncoder(bert, in_features=8, hidden=8, out_features=6).to(dtype)
 
 
 def token_tasks(num_tasks=2, ways=3, shots=2, queries=2, length=6, seed=0) -> Task:
     g = torch.Generator().manual_seed(seed)
 
     def tokens(n):
-        ids = torch.randint(1, 40, (num_tasks, n, length), generator=g).double()
+        ids = torch.randint(1, 40, (num_tasks, n, length), generator=g)
         lengths = torch.randint(3, length + 1, (num_tasks, n, 1), generator=g)
-        mask = (torch.arange(length) < lengths).double()
+        mask = (torch.arange(length) < lengths).long()
         return torch.stack([ids * mask, mask], dim=2)
 
     def labels(per):
@@ -110,8 +113,8 @@ def test_embed_texts_trims_padding_without_changing_embeddings(float64):
     with torch.no_grad():
         full = net(tokens)
     assert torch.allclose(embed_texts(net, tokens, batch_size=4), full, atol=1e-12)
-    with pytest.raises(ValueError, match=r"MiniLM: expected tokens of shape \(sentences, 2, length\)"):
-        net(tokens[:, 0])
+    with pytest.raises(ValueError, match=r"TransformerEncoder: tokens must be \(texts, 2, length\)"):
+        net(tokens[:, :1])
 
 
 @pytest.mark.data

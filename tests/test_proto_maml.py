@@ -232,24 +232,27 @@ def test_bad_input_is_refused_eagerly():
 @pytest.mark.parametrize("query_chunk_size", [None, 2, 4], ids=["whole-query", "chunks-of-2", "chunks-of-4-uneven"])
 @pytest.mark.parametrize("mode", ["loop", "vmap"])
 def test_two_pass_equals_single_graph_with_the_transformer_in_the_loop(float64, mode, query_chunk_size):
-    """Seed 000's setting on a tiny MiniLM: cached states below the top layer, the top transformer layer and the
+    """Seed 000's setting on a tiny BERT (transformers' own): cached states below the top layer, the top transformer layer and the
     prototype head adapted in the inner loop; the two-pass meta-gradient (whole query set or in chunks) equals the
     single-graph one, and second-order ProtoMAML runs too."""
-    from metafunc.text.minilm import MiniLM, MiniLMTop, lower_states
+    transformers = pytest.importorskip("transformers")
+    from metafunc.hf import TransformerEncoder
 
     torch.manual_seed(0)
-    net = MiniLM(vocab_size=40, width=8, layers=2, heads=2, intermediate=16).to(torch.float64).eval()
+    config = transformers.BertConfig(vocab_size=40, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=16)
+    net = TransformerEncoder(transformers.BertModel(config).to(torch.float64))
     g = torch.Generator().manual_seed(0)
 
     def states(n):
-        tokens = torch.stack([torch.randint(1, 40, (n, 6), generator=g), torch.ones(n, 6)], dim=1).to(torch.float64)
+        tokens = torch.stack([torch.randint(1, 40, (n, 6), generator=g), torch.ones(n, 6, dtype=torch.long)], dim=1)
         tokens[:, 1, 4:] = 0                                          # padding
-        return lower_states(net, tokens, top=1)
+        return net.lower_states(tokens, top=1)
 
     y = torch.tensor([0, 0, 1, 1, 2, 2])
     tasks = Task(torch.stack([states(6), states(6)]), torch.stack([y, y]), torch.stack([states(6), states(6)]),
                  torch.stack([y, y]))
-    encoder, params = functionalize(MiniLMTop(net, top=1))
+    encoder, params = functionalize(net.top_layers(1))
     assert all(k.startswith("encoder.layer.1.") for k in params)
     kwargs = dict(inner_lr=0.1, head_lr=0.5, steps=2)
     loss_1, metrics_1, single = meta_gradient(fo_proto_maml(encoder, **kwargs), params, tasks, mode=mode)

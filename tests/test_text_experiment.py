@@ -11,10 +11,10 @@ import torch
 
 pytest.importorskip("transformers")
 
-from metafunc.text import (
-    MiniLM,  # noqa: E402
-    experiment,  # noqa: E402
-)
+import transformers  # noqa: E402
+
+from metafunc.hf import TransformerEncoder  # noqa: E402
+from metafunc.text import experiment  # noqa: E402
 
 
 def _toy_tokenizer(texts, *, max_length, **options):  # one id per word: its length (< 50)
@@ -27,7 +27,8 @@ def _toy_tokenizer(texts, *, max_length, **options):  # one id per word: its len
 
 @pytest.mark.data
 def test_clinc_experiment_trains_through_fit_and_writes_its_results(tmp_path, data_root):
-    toy = MiniLM(vocab_size=50, width=8, layers=1, heads=2, intermediate=16)
+    toy = TransformerEncoder(transformers.BertModel(transformers.BertConfig(
+        vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16)))
     calls = []
     real_fit = experiment.fit
 

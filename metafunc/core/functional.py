@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 import threading
 from typing import Any, Callable
 
@@ -11,7 +12,6 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from metafunc.core.types import Params, Task, check_task
-from metafunc.hf import is_transformers_model
 from metafunc.nn.norm import find_torch_norm_layers
 
 __all__ = ["FunctionalModel", "functionalize", "check_params", "check_task_dtypes", "check_model_input", "thread_safe",
@@ -94,7 +94,8 @@ def functionalize(module: nn.Module) -> tuple[FunctionalModel, Params]:
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"functionalize: module must be an nn.Module (got {type(module).__name__})")
-    if is_transformers_model(module):
+    transformers = sys.modules.get("transformers")  # a transformers model was built only if it is imported
+    if transformers is not None and isinstance(module, transformers.PreTrainedModel):
         from metafunc.hf import TransformerEncoder
 
         module = TransformerEncoder(module)

@@ -22,10 +22,11 @@ from torch import nn
 
 from metafunc._shared import save_atomic, strict_json
 from metafunc.core.functional import functionalize
+from metafunc.hf import TransformerEncoder
 from metafunc.registry import LEARNERS
 from metafunc.step import meta_value_and_grad
 from metafunc.text.clinc import DEFAULT_TEST_DOMAINS, clinc_samplers
-from metafunc.text.minilm import MiniLM, MiniLMTop, SentenceEncoder, embed_texts, load_minilm, lower_states, tokenize
+from metafunc.text.minilm import SentenceEncoder, embed_texts, load_minilm, tokenize
 from metafunc.train.callbacks import ProgressBar
 from metafunc.train.checkpoint import save_checkpoint
 from metafunc.train.evaluation import evaluate_episodes
@@ -39,27 +40,29 @@ an encoder (no output layer), read from :data:`metafunc.LEARNERS`."""
 
 
 def cached_encoder(cache: Path, *, max_length: int = 32, tokens: bool = False,
-                   states_top: int | None = None) -> tuple[Callable[[Sequence[str]], torch.Tensor], MiniLM]:
+                   states_top: int | None = None) -> tuple[Callable[[Sequence[str]], torch.Tensor], TransformerEncoder]:
     """``(encode, net)``: ``encode(texts)`` gives frozen MiniLM embeddings (or tokens), cached on disk by a hash of
     the texts; ``net`` is the pretrained MiniLM from :func:`~metafunc.text.load_minilm`. With ``states_top=n`` it
-    gives the token states below the top ``n`` layers (:func:`~metafunc.text.minilm.lower_states`), cached too, so
-    that a task runs only the layers it adapts.
+    gives the token states below the top ``n`` layers (:meth:`metafunc.hf.TransformerEncoder.lower_states`), cached
+    too, so that a task runs only the layers it adapts.
 
     Example:
-        The pretrained MiniLM takes seconds to load, so this example swaps in a tiny random MiniLM and a
+        The pretrained MiniLM takes seconds to load, so this example swaps in a tiny random BERT and a
         word-length tokenizer; with the real ones, ``cached_encoder(Path("/tmp/cache"))`` is all it takes.
 
         >>> import tempfile
         >>> from pathlib import Path
         >>> from unittest import mock
-        >>> from metafunc.text import MiniLM
+        >>> import transformers
+        >>> from metafunc.hf import TransformerEncoder
         >>> def toy_tokenizer(texts, *, max_length, **options):  # one id per word: its length
         ...     ids = torch.zeros(len(texts), max_length, dtype=torch.long)
         ...     for i, text in enumerate(texts):
         ...         words = [len(w) for w in text.split()][:max_length]
         ...         ids[i, :len(words)] = torch.tensor(words)
         ...     return {"input_ids": ids, "attention_mask": (ids > 0).long()}
-        >>> toy = MiniLM(vocab_size=50, width=8, layers=1, heads=2, intermediate=16)
+        >>> toy = TransformerEncoder(transformers.BertModel(transformers.BertConfig(
+        ...     vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16)))
         >>> tmp = tempfile.TemporaryDirectory()
         >>> cache = Path(tmp.name)
         >>> with mock.patch("metafunc.text.experiment.load_minilm", lambda: (toy_tokenizer, toy)):
@@ -83,14 +86,14 @@ def cached_encoder(cache: Path, *, max_length: int = 32, tokens: bool = False,
             return toks
         key = hashlib.sha1("\n".join(texts).encode()).hexdigest()[:16]
         if states_top is not None:
-            path = cache / f"minilm-states-top{states_top}-{key}.pt"
+            path = cache / f"minilm-hf-states-top{states_top}-{key}.pt"
             if path.exists():
                 return torch.load(path, weights_only=True)
-            states = lower_states(net, toks, top=states_top)
+            states = net.lower_states(toks, top=states_top)
             cache.mkdir(parents=True, exist_ok=True)
             save_atomic(states, path)
             return states
-        path = cache / f"minilm-{key}.pt"
+        path = cache / f"minilm-hf-{key}.pt"
         if path.exists():
             return torch.load(path, weights_only=True)
         order = torch.argsort(toks[:, 1].sum(-1))  # similar lengths together: less padding per batch
@@ -198,11 +201,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     samplers = clinc_samplers(encode, args.data_root, ways=args.ways, shots=args.shots, queries=args.queries,
                               test_domains=DEFAULT_TEST_DOMAINS)
     if args.features == "states":
-        module: nn.Module = MiniLMTop(minilm, top=args.adapt_layers)   # the transformer in the loop
+        module: nn.Module = minilm.top_layers(args.adapt_layers)   # the transformer in the loop
     elif args.algorithm == "protonet_frozen":
         module = minilm if args.features == "tokens" else nn.Identity()
     else:
-        width = int(minilm.embeddings.word_embeddings.embedding_dim)  # type: ignore[union-attr,arg-type]
+        width = int(minilm.embeddings.word_embeddings.embedding_dim)  # type: ignore[union-attr,arg-type,operator]
         module = SentenceEncoder(minilm if args.features == "tokens" else None, in_features=width, hidden=args.hidden,
                                  out_features=args.out_features)
     model, params = functionalize(module)
