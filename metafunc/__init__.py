@@ -45,6 +45,7 @@ from metafunc.core import tree
 from metafunc.core.batching import meta_batch, resolve_mode
 from metafunc.core.functional import FunctionalModel, check_params, functionalize
 from metafunc.core.inner import first_order, inner_loop, sgd_step
+from metafunc.core.padding import PAD_LABEL, pad_tasks, way_masked_cross_entropy
 from metafunc.core.task_function import TaskFunction
 from metafunc.core.types import AdaptFn, LossFn, Metrics, ModelFn, Params, PerTaskFn, Selector, Task
 from metafunc.data.sinusoid import SinusoidTasks, sinusoid_tasks
@@ -64,6 +65,8 @@ __all__ = [
     # functional core
     "functionalize", "FunctionalModel", "check_params", "inner_loop", "first_order", "sgd_step", "meta_batch",
     "resolve_mode",
+    # padded meta-batches: episodes with varying ways and shots (metafunc.core.padding)
+    "pad_tasks", "PAD_LABEL", "way_masked_cross_entropy",
     # the meta-step
     "MetaStep", "apply_grads", "meta_value_and_grad", "compiled_meta_step",
     # norm layers

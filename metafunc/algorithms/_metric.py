@@ -15,6 +15,7 @@ from torch import Tensor
 
 from metafunc._shared import check_steps
 from metafunc.core.functional import check_model_input, checked_inputs, thread_safe
+from metafunc.core.padding import check_padded_model, check_padding, is_padded, task_ways
 from metafunc.core.task_function import TaskFunction
 from metafunc.core.types import Metrics, ModelFn, Params, Task
 
@@ -25,7 +26,9 @@ __all__ = ["prototypes", "one_hot", "squared_distances", "check_ways", "WaysReso
 def prototypes(features: Tensor, labels: Tensor, ways: int) -> Tensor:
     """Class means ``(ways, features)`` of embedded examples ``(examples, features)`` with labels in ``[0, ways)``.
 
-    Written with a one-hot matrix product, so it runs under ``vmap`` and is differentiable in ``features``.
+    Written with a one-hot matrix product, so it runs under ``vmap`` and is differentiable in ``features``. Padding
+    examples (label ``-1``, see :mod:`metafunc.core.padding`) count for no class; a class without any example gets
+    a zero prototype (no division by zero), which the learners mask.
 
     Example:
         >>> prototypes(torch.tensor([[0.0, 2.0], [2.0, 0.0], [4.0, 4.0]]), torch.tensor([0, 0, 1]), 2)
@@ -33,7 +36,7 @@ def prototypes(features: Tensor, labels: Tensor, ways: int) -> Tensor:
                 [4., 4.]])
     """
     onehot = one_hot(labels, ways, features.dtype)
-    counts = onehot.sum(0)
+    counts = onehot.sum(0).clamp(min=1)
     return (onehot.transpose(0, 1) @ features) / counts.unsqueeze(-1)
 
 
@@ -87,17 +90,19 @@ class WaysResolver:
 
 
 def _check_labels(caller: str, support_y: Tensor, query_y: Tensor, ways: WaysResolver) -> None:
-    """Integer labels; the number of ways fixed or derived from the support labels; every class in every support
-    set; every query label one of its task's support classes. ``support_y``/``query_y`` are ``(tasks, examples)``."""
+    """Integer labels, padding (``-1``) only after the real examples; the number of ways fixed or derived from the
+    support labels; each task's classes ``0..w-1`` in its support set (``w`` its largest support label plus one, or
+    the fixed ``ways``); every query label one of its task's support classes. ``support_y``/``query_y`` are
+    ``(tasks, examples)``."""
     for name, y in (("support_y", support_y), ("query_y", query_y)):
         if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool or y.dim() != 2:
             raise TypeError(
                 f"{caller}: task.{name} must hold one integer class label per example (got dtype {y.dtype}, "
                 f"shape {tuple(y.shape)})"
             )
-        if int(y.min()) < 0:
-            raise ValueError(f"{caller}: task.{name} has negative labels (min {int(y.min())}); relabel 0..ways-1")
-    top = int(support_y.max()) + 1
+    check_padding(caller, support_y, query_y)
+    tops = task_ways(support_y)  # (tasks,)
+    top = int(tops.max())
     n = ways.fixed
     if n is None:
         n = max(top, 2)
@@ -107,32 +112,49 @@ def _check_labels(caller: str, support_y: Tensor, query_y: Tensor, ways: WaysRes
             f"{caller}: the labels go up to {top - 1} but ways={n} (in task.support_y); labels must be in [0, {n - 1}] "
             f"(pass ways={top} or relabel each task 0..ways-1)"
         )
+    per_task = tops if ways.fixed is None else torch.full_like(tops, n)
     present = torch.stack([(support_y == k).any(dim=1) for k in range(n)], dim=1)  # (tasks, ways)
-    if not bool(present.all()):
-        task_index, klass = (int(i) for i in (~present).nonzero()[0])
+    missing = (torch.arange(n, device=tops.device) < per_task.unsqueeze(1)) & ~present
+    if bool(missing.any()):
+        task_index, klass = (int(i) for i in missing.nonzero()[0])
         raise ValueError(
-            f"{caller}: the support set of task {task_index} has no example of class {klass} (ways={n}); "
-            "every class 0..ways-1 needs at least one support example"
+            f"{caller}: the support set of task {task_index} has no example of class {klass} "
+            f"(ways={int(per_task[task_index])}); every class 0..ways-1 needs at least one support example"
         )
-    bad = query_y >= n  # every class 0..n-1 is in every support set, so these are the query labels it lacks
+    bad = query_y >= per_task.unsqueeze(1)  # every class 0..w-1 is in the support set, so these are the ones it lacks
     if bool(bad.any()):
         task_index, example = (int(i) for i in bad.nonzero()[0])
+        w = int(per_task[task_index])
         raise ValueError(
             f"{caller}: task {task_index} has query label {int(query_y[task_index, example])} (task.query_y, example "
-            f"{example}), which is not one of its support classes 0..{n - 1} (ways={n}); every query label must be a "
+            f"{example}), which is not one of its support classes 0..{w - 1} (ways={w}); every query label must be a "
             "class of its task's support set (relabel the query set with the support set's labels)"
         )
 
 
+def _check_padded(caller: str, encoder: ModelFn, tasks: Task, padding: bool) -> None:
+    """A padded meta-batch needs a learner that masks padding (``padding``) and an encoder without batch
+    statistics."""
+    if not is_padded(tasks):
+        return
+    if not padding:
+        raise ValueError(f"{caller}: the meta-batch is padded (labels -1, metafunc.pad_tasks) but {caller} does not "
+                         "mask padding examples; use protonet, proto_maml or fo_proto_maml, or meta-batches without "
+                         "padding (equal ways and shots)")
+    check_padded_model(caller, encoder, tasks)
+
+
 def metric_checks(*, caller: str, encoder: ModelFn, ways: WaysResolver,
                   encoder_params: Callable[[Params], Params] = lambda p: p,
-                  second_order: bool = False) -> Callable[..., None]:
+                  second_order: bool = False, padding: bool = False) -> Callable[..., None]:
     """The eager ``validate(params, tasks, vmapped, batched)`` of a metric learner, run by :func:`meta_batch`.
 
     It checks the parameter names (none missing, none the encoder does not take), that floating-point tasks have
     the parameters' dtype, that the encoder takes the tasks' inputs and returns ``(examples, features)``, that
     labels are integers, derives (or checks) the number of ways from the support labels, that every support set
-    holds every class, and that every query label is one of its task's support classes.
+    holds every class, and that every query label is one of its task's support classes. A padded meta-batch
+    (:mod:`metafunc.core.padding`) is refused unless ``padding`` (the learner masks padding), and on an encoder with
+    batch statistics.
     """
     shapes: dict[tuple, tuple[int, ...]] = {}
 
@@ -156,12 +178,13 @@ def metric_checks(*, caller: str, encoder: ModelFn, ways: WaysResolver,
         support_y = tasks.support_y if batched else tasks.support_y.unsqueeze(0)
         query_y = tasks.query_y if batched else tasks.query_y.unsqueeze(0)
         _check_labels(caller, support_y, query_y, ways)
+        _check_padded(caller, encoder, tasks, padding)
 
     return validate
 
 
 def metric_objectives(name: str, score: Callable[[Params, Task], tuple[Tensor, Metrics]], *, encoder: ModelFn,
-                      ways: WaysResolver, encoder_params: Callable[[Params], Params]
+                      ways: WaysResolver, encoder_params: Callable[[Params], Params], padding: bool = False
                       ) -> tuple[TaskFunction, TaskFunction]:
     """``(meta_loss, evaluate)`` of a metric learner from its per-task ``score``, with the eager checks attached.
 
@@ -177,7 +200,8 @@ def metric_objectives(name: str, score: Callable[[Params, Task], tuple[Tensor, M
             loss, metrics = score(params, task)
         return loss.detach(), metrics
 
-    validate = metric_checks(caller=name, encoder=encoder, ways=ways, encoder_params=encoder_params)
+    validate = metric_checks(caller=name, encoder=encoder, ways=ways, encoder_params=encoder_params,
+                             padding=padding)
     safe = functools.partial(thread_safe, encoder)
     return (TaskFunction(meta_loss, validate=validate, thread_safe=safe, name=f"{name}_meta_loss"),
             TaskFunction(evaluate, validate=validate, thread_safe=safe, name=f"{name}_evaluate"))

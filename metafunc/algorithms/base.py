@@ -16,8 +16,18 @@ from torch import Tensor, nn
 
 from metafunc._shared import check_steps
 from metafunc.core.functional import check_model_input, checked_inputs, thread_safe
+from metafunc.core.padding import (
+    check_padded_labels,
+    check_padded_model,
+    is_padded,
+    mask_logits,
+    masked_accuracy,
+    masked_cross_entropy,
+    task_ways,
+    way_masked_cross_entropy,
+)
 from metafunc.core.task_function import TaskFunction, Validator
-from metafunc.core.types import AdaptFn, LossFn, Metrics, ModelFn, Params, Task, check_labels
+from metafunc.core.types import AdaptFn, LossFn, Metrics, ModelFn, Params, Task
 
 __all__ = ["MetaLearner", "make_learner", "resolve_loss", "check_model", "task_metrics", "learner_checks", "LossSpec",
            "with_steps"]
@@ -77,7 +87,7 @@ def _mse(prediction: Tensor, target: Tensor) -> Tensor:
 
 
 def _cross_entropy(prediction: Tensor, target: Tensor) -> Tensor:
-    return F.cross_entropy(prediction, target)
+    return masked_cross_entropy(prediction, target)  # F.cross_entropy, padding examples (label -1) ignored
 
 
 _LOSSES: dict[str, LossFn] = {"mse": _mse, "cross_entropy": _cross_entropy}
@@ -99,6 +109,8 @@ def resolve_loss(loss: LossSpec, caller: str) -> tuple[LossFn, bool]:
         if loss not in _LOSSES:
             raise ValueError(f"{caller}: loss must be 'cross_entropy', 'mse' or a callable (got {loss!r})")
         return _LOSSES[loss], loss == "cross_entropy"
+    if loss is way_masked_cross_entropy:
+        return loss, True
     if callable(loss):
         return loss, False
     raise TypeError(f"{caller}: loss must be 'cross_entropy', 'mse' or a callable (got {type(loss).__name__})")
@@ -123,7 +135,8 @@ def check_model(model: object, caller: str) -> None:
 
 
 def task_metrics(prediction: Tensor, target: Tensor, loss: Tensor, classification: bool) -> Metrics:
-    """The metrics of one task: the detached ``loss``, and the ``accuracy`` of ``prediction`` for a classifier.
+    """The metrics of one task: the detached ``loss``, and the ``accuracy`` of ``prediction`` for a classifier
+    (over the real examples of a padded task, :mod:`metafunc.core.padding`).
 
     Example:
         >>> task_metrics(torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 0]), torch.tensor(0.5), True)
@@ -131,7 +144,7 @@ def task_metrics(prediction: Tensor, target: Tensor, loss: Tensor, classificatio
     """
     metrics = {"loss": loss.detach()}
     if classification:
-        metrics["accuracy"] = (prediction.detach().argmax(-1) == target).to(prediction.dtype).mean()
+        metrics["accuracy"] = masked_accuracy(prediction, target)
     return metrics
 
 
@@ -216,9 +229,33 @@ def learner_checks(
                 )
             out_features[key] = int(out.shape[-1]) if out.dim() else 0
         if classification:
-            check_labels(caller, tasks, out_features[key])
+            check_padded_labels(caller, tasks, out_features[key])
+        _check_padded(caller, model, tasks, classification=classification, loss_fn=loss_fn, batched=batched)
 
     return validate
+
+
+def _check_padded(caller: str, model: ModelFn, tasks: Task, *, classification: bool, loss_fn: LossFn | None,
+                  batched: bool) -> None:
+    """A padded meta-batch (:mod:`metafunc.core.padding`) needs a classification loss that skips padding and a model
+    without batch statistics; with ``way_masked_cross_entropy`` each query label must be among its task's ways."""
+    if loss_fn is way_masked_cross_entropy:
+        support_y = tasks.support_y if batched else tasks.support_y.unsqueeze(0)
+        query_y = tasks.query_y if batched else tasks.query_y.unsqueeze(0)
+        ways = task_ways(support_y)
+        bad = query_y >= ways.unsqueeze(-1)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(f"{caller}: task {i} has query labels beyond its support labels 0..{int(ways[i]) - 1}, "
+                             "whose outputs way_masked_cross_entropy masks; relabel the query set with the support "
+                             "set's labels")
+    if not is_padded(tasks):
+        return
+    if not classification:
+        raise ValueError(f"{caller}: the meta-batch is padded (labels -1, metafunc.pad_tasks) but the loss is a "
+                         "custom callable, which would score the padding examples; use loss='cross_entropy' or "
+                         "metafunc.way_masked_cross_entropy")
+    check_padded_model(caller, model, tasks)
 
 
 def make_learner(
@@ -264,7 +301,11 @@ def make_learner(
         model_params, _ = split(params)
         task_params, support_losses = adapt_task(params, task.support_x, task.support_y, steps=steps)
         prediction = model(task_params, task.query_x)
-        loss = loss_fn(prediction, task.query_y)
+        if loss_fn is way_masked_cross_entropy:  # the task's ways are those of its support set
+            prediction = mask_logits(prediction, task_ways(task.support_y))
+            loss = masked_cross_entropy(prediction, task.query_y)
+        else:
+            loss = loss_fn(prediction, task.query_y)
         metrics = task_metrics(prediction, task.query_y, loss, classification)
         if support_losses.numel():
             metrics["support_loss"] = support_losses[0]

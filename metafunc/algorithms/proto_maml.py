@@ -18,10 +18,11 @@ from torch import Tensor
 from torch.func import grad
 
 from metafunc._shared import check_nonnegative, check_positive, check_steps, under_func_transform
-from metafunc.algorithms._metric import WaysResolver, check_ways, metric_checks, prototypes
+from metafunc.algorithms._metric import WaysResolver, check_ways, metric_checks, one_hot, prototypes
 from metafunc.algorithms.base import MetaLearner, check_model, task_metrics
 from metafunc.core.functional import thread_safe
 from metafunc.core.inner import inner_loop
+from metafunc.core.padding import PAD_LABEL, masked_cross_entropy, valid_mask
 from metafunc.core.task_function import TaskFunction
 from metafunc.core.tree import selector_predicate, tree_detach, tree_straight_through
 from metafunc.core.types import AdaptFn, Metrics, ModelFn, Params, Selector, Task
@@ -38,7 +39,10 @@ _HEAD_KEYS = (HEAD_WEIGHT, HEAD_BIAS)
 def prototype_head(features: Tensor, labels: Tensor, ways: int) -> tuple[Tensor, Tensor]:
     """ProtoMAML's output layer from the support set: ``(W, b)`` with ``W_k = 2 c_k`` and ``b_k = -||c_k||^2``.
 
-    ``features @ W.T + b`` then equals ``-||z - c_k||^2 + ||z||^2`` for every embedded example ``z``.
+    ``features @ W.T + b`` then equals ``-||z - c_k||^2 + ||z||^2`` for every embedded example ``z``. A class
+    without any example among ``labels`` (beyond a task's ways in a padded meta-batch, :mod:`metafunc.core.padding`)
+    gets ``W_k = 0`` and the most negative finite ``b_k``: its logit is masked, its probability exactly 0, and no
+    gradient of any order reaches it, in the inner loop and after.
 
     Example:
         >>> w, b = prototype_head(torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.tensor([0, 1]), 2)
@@ -47,7 +51,8 @@ def prototype_head(features: Tensor, labels: Tensor, ways: int) -> tuple[Tensor,
                 [0., 4.]]), tensor([-1., -4.]))
     """
     centres = prototypes(features, labels, ways)
-    return 2 * centres, -(centres * centres).sum(-1)
+    present = one_hot(labels, ways, features.dtype).sum(0) > 0
+    return 2 * centres, torch.where(present, -(centres * centres).sum(-1), torch.finfo(features.dtype).min)
 
 
 def _gradient(fn: Callable[[Params], Any], inputs: Params, *, has_aux: bool = False) -> Any:
@@ -118,6 +123,7 @@ def _query_gradient(encoder: ModelFn, phi_encoder: Params, head: Params, task: T
     one chunk's graph at a time, ``chunk_size`` queries each (exact when the encoder treats each example on its own).
     """
     n_query = task.query_x.shape[0]
+    n_valid = valid_mask(task.query_y).sum()  # the real queries (all of them without padding)
     size = chunk_size or n_query
     grads: Params = {}
     parts: list[tuple[Tensor, ...]] = []
@@ -127,7 +133,7 @@ def _query_gradient(encoder: ModelFn, phi_encoder: Params, head: Params, task: T
         def query_loss(p: Params, xq: Tensor = xq, yq: Tensor = yq) -> tuple[Tensor, tuple[Tensor, ...]]:
             features = encoder(p, xq)
             logits = _linear(features, head[HEAD_WEIGHT], head[HEAD_BIAS])
-            part = F.cross_entropy(logits, yq, reduction="sum") / n_query
+            part = F.cross_entropy(logits, yq, reduction="sum", ignore_index=PAD_LABEL) / n_valid
             return part, (part.detach(), logits.detach(), features.detach())
 
         g, part = _gradient(query_loss, phi_encoder, has_aux=True)
@@ -163,7 +169,7 @@ def _two_pass_meta_loss(encoder: ModelFn, head_of: Callable[[Params, Tensor, Ten
         # the output layer; backpropagate into the base encoder.
         def prototype_loss(theta_: Params) -> Tensor:
             adapted = _rewrite(head, head_of(theta_, task.support_x, task.support_y))
-            return F.cross_entropy(_linear(features, adapted[HEAD_WEIGHT], adapted[HEAD_BIAS]), task.query_y)
+            return masked_cross_entropy(_linear(features, adapted[HEAD_WEIGHT], adapted[HEAD_BIAS]), task.query_y)
 
         grads_b = _gradient(prototype_loss, theta0)
         # A loss whose value is the query loss and whose gradient w.r.t. theta is grads_a + grads_b.
@@ -185,7 +191,7 @@ def _proto_learner(name: str, encoder: ModelFn, *, ways: WaysResolver,
         phi, losses = adapt(tree_detach(params), task.support_x, task.support_y, steps=steps)
         with torch.no_grad():
             logits = logits_of(tree_detach(phi), task.query_x)
-            loss = F.cross_entropy(logits, task.query_y)
+            loss = masked_cross_entropy(logits, task.query_y)
         return loss, _query_metrics(logits, loss, task, losses)
 
     def predict(task_params: Params, x: Tensor) -> Tensor:
@@ -195,7 +201,7 @@ def _proto_learner(name: str, encoder: ModelFn, *, ways: WaysResolver,
         return logits_of(task_params, x)
 
     encoder_checks = metric_checks(caller=name, encoder=encoder, ways=ways, encoder_params=_encoder_params,
-                                   second_order=second_order)
+                                   second_order=second_order, padding=True)
 
     def validate(params: Params, tasks: Task, vmapped: bool = True, batched: bool = True) -> None:
         clash = [k for k in _HEAD_KEYS if k in params]
@@ -230,7 +236,7 @@ def _proto_maml(name: str, encoder: ModelFn, *, inner_lr: float, head_lr: float 
         return _linear(encoder(_encoder_params(phi), x), phi[HEAD_WEIGHT], phi[HEAD_BIAS])
 
     def task_loss(phi: Params, x: Tensor, y: Tensor) -> Tensor:
-        return F.cross_entropy(logits_of(phi, x), y)
+        return masked_cross_entropy(logits_of(phi, x), y)
 
     inner = inner_loop(task_loss, steps=steps, first_order=first_order,
                        adapt=lambda k: k in _HEAD_KEYS or adapts_encoder(k))
@@ -252,7 +258,7 @@ def _proto_maml(name: str, encoder: ModelFn, *, inner_lr: float, head_lr: float 
     def single_graph_loss(params: Params, task: Task) -> tuple[Tensor, Metrics]:
         phi, losses = adapt_task(params, task.support_x, task.support_y)
         logits = logits_of(phi, task.query_x)
-        loss = F.cross_entropy(logits, task.query_y)
+        loss = masked_cross_entropy(logits, task.query_y)
         return loss, _query_metrics(logits, loss, task, losses)
 
     if two_pass:

@@ -3,11 +3,11 @@ set in the encoder's feature space (the shared metric-learner pieces are in :mod
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor
 
 from metafunc.algorithms._metric import WaysResolver, check_ways, metric_objectives, prototypes, squared_distances
-from metafunc.algorithms.base import MetaLearner, check_model, task_metrics
+from metafunc.algorithms.base import MetaLearner, check_model
+from metafunc.core.padding import mask_logits, masked_accuracy, masked_cross_entropy, task_ways
 from metafunc.core.types import Metrics, ModelFn, Params, Task
 
 __all__ = ["protonet", "prototypes", "squared_distances", "PROTOTYPES_KEY"]
@@ -24,7 +24,8 @@ def protonet(encoder: ModelFn, *, ways: int | None = None) -> MetaLearner:
     ``meta_loss(params, task)`` is the query cross-entropy; its gradient trains the encoder. ``adapt`` returns
     ``{**params, "prototypes": c}`` and ``predict(task_params, x)`` scores ``x`` against those prototypes. ``ways``
     is the number of classes per task; by default it is derived from the labels when :func:`metafunc.meta_batch`
-    validates the meta-batch.
+    validates the meta-batch, and tasks may then have different numbers of ways and shots: a padded meta-batch
+    (:func:`metafunc.pad_tasks`) scores each task among its own classes and real examples, as if it were alone.
 
     Example:
         >>> import torch
@@ -48,16 +49,16 @@ def protonet(encoder: ModelFn, *, ways: int | None = None) -> MetaLearner:
 
     def adapt(params: Params, x: Tensor, y: Tensor, *, steps: int | None = None) -> tuple[Params, Tensor]:
         centres = prototypes(encoder(encoder_params(params), x), y, resolve_ways(y))
-        support_loss = F.cross_entropy(logits_of(params, centres, x), y)
+        support_loss = masked_cross_entropy(logits_of(params, centres, x), y, ways=task_ways(y))
         return {**encoder_params(params), PROTOTYPES_KEY: centres}, support_loss.detach().reshape(1)
 
     def score(params: Params, task: Task) -> tuple[Tensor, Metrics]:
         theta = encoder_params(params)
         n = resolve_ways(task.support_y)
         centres = prototypes(encoder(theta, task.support_x), task.support_y, n)
-        logits = -squared_distances(encoder(theta, task.query_x), centres)
-        loss = F.cross_entropy(logits, task.query_y)
-        return loss, task_metrics(logits, task.query_y, loss, True)
+        logits = mask_logits(-squared_distances(encoder(theta, task.query_x), centres), task_ways(task.support_y))
+        loss = masked_cross_entropy(logits, task.query_y)
+        return loss, {"loss": loss.detach(), "accuracy": masked_accuracy(logits, task.query_y)}
 
     def predict(task_params: Params, x: Tensor) -> Tensor:
         if PROTOTYPES_KEY not in task_params:
@@ -65,6 +66,6 @@ def protonet(encoder: ModelFn, *, ways: int | None = None) -> MetaLearner:
         return logits_of(task_params, task_params[PROTOTYPES_KEY], x)
 
     meta_loss, evaluate = metric_objectives(name, score, encoder=encoder, ways=resolve_ways,
-                                            encoder_params=encoder_params)
+                                            encoder_params=encoder_params, padding=True)
     return MetaLearner(name=name, init=lambda p: dict(p), adapt=adapt, meta_loss=meta_loss, evaluate=evaluate,
                        predict=predict, second_order=False, model=encoder)
