@@ -45,10 +45,12 @@ from metafunc.data.omniglot import (
     omniglot_samplers,
     omniglot_splits,
 )
+from metafunc.data.variable import VariableEpisodeSampler
 
 __all__ = [
     "EpisodeSampler",
     "SplitSamplers",
+    "VariableEpisodeSampler",
     "AugmentedSource",
     "random_crop_flip",
     "Omniglot",

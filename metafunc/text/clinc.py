@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
 
-from metafunc.data import EpisodeSampler
+from metafunc.data import EpisodeSampler, VariableEpisodeSampler
+from metafunc.data.variable import check_episode_ranges
 
-__all__ = ["Clinc150", "load_clinc150", "clinc_domain_split", "clinc_samplers", "DEFAULT_TEST_DOMAINS", "SPLITS"]
+__all__ = ["Clinc150", "load_clinc150", "clinc_domain_split", "clinc_samplers", "clinc_variable_samplers",
+           "DEFAULT_TEST_DOMAINS", "SPLITS"]
 
 DEFAULT_TEST_DOMAINS = ("work", "small_talk", "meta")
 """The 3 held-out domains (the last three of ``domains.json``); the other 7 are meta-trained on."""
@@ -123,9 +125,17 @@ def clinc_samplers(
         >>> samplers["test"].sample(2, torch.Generator().manual_seed(0)).support_x.shape  # doctest: +SKIP
         torch.Size([2, 5, 8])
     """
-    if not callable(encode):
-        raise TypeError(f"clinc_samplers: encode must be callable as encode(texts) -> tensor (got {type(encode).__name__})")
     out: dict[str, EpisodeSampler] = {}
+    for name, examples, labels in _encoded_splits(encode, root, test_domains, "clinc_samplers"):
+        out[name] = EpisodeSampler(examples, labels, ways=ways, shots=shots, queries=queries, dtype=dtype)
+    return out
+
+
+def _encoded_splits(encode: Callable[[Sequence[str]], Tensor], root: str | os.PathLike | None,
+                    test_domains: Sequence[str], caller: str) -> Iterator[tuple[str, Tensor, Tensor]]:
+    """``(split, examples, labels)`` for train/val/test: the encoded texts of the split's domains."""
+    if not callable(encode):
+        raise TypeError(f"{caller}: encode must be callable as encode(texts) -> tensor (got {type(encode).__name__})")
     for name, split in (("train", "train"), ("val", "val"), ("test", "test")):
         data = load_clinc150(root, split=split)
         train_intents, test_intents = clinc_domain_split(data, test_domains)
@@ -133,7 +143,41 @@ def clinc_samplers(
         texts = [t for t, k in zip(data.texts, keep.tolist()) if k]
         examples = encode(texts)
         if not isinstance(examples, Tensor) or examples.shape[0] != len(texts):
-            raise ValueError(f"clinc_samplers: encode must return a tensor with one row per text "
+            raise ValueError(f"{caller}: encode must return a tensor with one row per text "
                              f"(got {type(examples).__name__} {getattr(examples, 'shape', None)} for {len(texts)} texts)")
-        out[name] = EpisodeSampler(examples, data.labels[keep], ways=ways, shots=shots, queries=queries, dtype=dtype)
-    return out
+        yield name, examples, data.labels[keep]
+
+
+def clinc_variable_samplers(
+    encode: Callable[[Sequence[str]], Tensor],
+    root: str | os.PathLike | None = None,
+    *,
+    min_ways: int = 3,
+    max_ways: int = 10,
+    min_shots: int = 1,
+    max_shots: int = 5,
+    queries: int = 5,
+    max_support: int | None = None,
+    test_domains: Sequence[str] = DEFAULT_TEST_DOMAINS,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, VariableEpisodeSampler]:
+    """Samplers ``{"train", "val", "test"}`` over CLINC150 (the splits of :func:`clinc_samplers`) drawing episodes
+    with varying ways and shots, Meta-Dataset style, as padded meta-batches (:class:`metafunc.data.VariableEpisodeSampler`).
+
+    The argument ranges are checked eagerly, before any data is read. The val split has 20 utterances per intent,
+    so ``max_shots + queries`` must be at most 20.
+
+    Example:
+        >>> samplers = clinc_variable_samplers(lambda texts: torch.randn(len(texts), 8))  # doctest: +SKIP
+        >>> tasks = samplers["train"].sample(4, torch.Generator().manual_seed(0))  # doctest: +SKIP
+        >>> tasks.support_y.shape[0], int(tasks.query_y.max()) < 10  # doctest: +SKIP
+        (4, True)
+    """
+    def build(examples: Tensor, labels: Tensor) -> VariableEpisodeSampler:
+        return VariableEpisodeSampler(examples, labels, min_ways=min_ways, max_ways=max_ways, min_shots=min_shots,
+                                      max_shots=max_shots, queries=queries, max_support=max_support, dtype=dtype)
+
+    check_episode_ranges("clinc_variable_samplers", min_ways=min_ways, max_ways=max_ways, min_shots=min_shots,
+                         max_shots=max_shots, queries=queries, max_support=max_support)
+    return {name: build(examples, labels)
+            for name, examples, labels in _encoded_splits(encode, root, test_domains, "clinc_variable_samplers")}
