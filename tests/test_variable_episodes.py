@@ -247,3 +247,14 @@ def test_clinc150_variable_samplers_draw_valid_padded_episodes(data_root):
     assert torch.isfinite(loss) and 0.0 <= float(metrics["accuracy"]) <= 1.0
     with pytest.raises(ValueError, match=r"^clinc_variable_samplers: max_ways must be >= min_ways"):
         clinc_variable_samplers(encode, data_root / "clinc150", min_ways=5, max_ways=4)
+
+
+def test_the_docs_page_example_runs(capsys):
+    import re
+    from pathlib import Path
+
+    page = Path(__file__).resolve().parents[1] / "docs" / "variable-episodes.md"
+    block = re.search(r"```python\n(.*?)```", page.read_text(), re.S).group(1)  # type: ignore[union-attr]
+    exec(compile(block, str(page), "exec"), {})  # noqa: S102 - the page's example, as a user runs it
+    out = capsys.readouterr().out
+    assert re.search(r"loss \d+\.\d{3}, accuracy [01]\.\d{3}", out), out
