@@ -171,6 +171,22 @@ def test_learners_that_cannot_mask_padding_refuse_it(float64):
         meta_batch(custom)(params, padded)
 
 
+def test_variable_ways_without_padding_are_exact_for_protonet_and_refused_by_matching_net(float64):
+    """A 2-way 3-shot and a 3-way 2-shot task have equal sizes: no padding, only absent classes to mask."""
+    torch.manual_seed(0)
+    model, params = functionalize(nn.Sequential(nn.Linear(4, 8), nn.Tanh()))
+    tasks = [Task(torch.randn(6, 4), torch.tensor([0, 0, 0, 1, 1, 1]), torch.randn(4, 4), torch.tensor([0, 1, 1, 0])),
+             Task(torch.randn(6, 4), torch.tensor([0, 0, 1, 1, 2, 2]), torch.randn(4, 4), torch.tensor([0, 1, 2, 0]))]
+    batch = pad_tasks(tasks)
+    assert not (batch.support_y < 0).any() and not (batch.query_y < 0).any()
+    loss, _, grads = meta_value_and_grad(protonet(model), mode="vmap")(params, batch)
+    want_loss, want_grads, _ = _alone(protonet(model).meta_loss, params, tasks)
+    assert abs(float(loss) - want_loss) <= 1e-10 * abs(want_loss) and tree_relative_error(grads, want_grads) <= 1e-10
+    with pytest.raises(ValueError, match=r"^matching_net: the support set of task 0 has no example of class 2 "
+                                         r"\(ways=3\)"):
+        meta_batch(matching_net(model))(params, batch)
+
+
 def test_padding_before_a_real_label_is_a_bad_label(float64):
     model, params = functionalize(_encoder(MAX_WAYS))
     padded = pad_tasks(_tasks())

@@ -89,11 +89,11 @@ class WaysResolver:
             return self.derived
 
 
-def _check_labels(caller: str, support_y: Tensor, query_y: Tensor, ways: WaysResolver) -> None:
+def _check_labels(caller: str, support_y: Tensor, query_y: Tensor, ways: WaysResolver, variable: bool) -> None:
     """Integer labels, padding (``-1``) only after the real examples; the number of ways fixed or derived from the
-    support labels; each task's classes ``0..w-1`` in its support set (``w`` its largest support label plus one, or
-    the fixed ``ways``); every query label one of its task's support classes. ``support_y``/``query_y`` are
-    ``(tasks, examples)``."""
+    support labels; each task's classes ``0..w-1`` in its support set (``w`` the number of ways, or with
+    ``variable`` and no fixed ``ways`` the task's largest support label plus one); every query label one of its
+    task's support classes. ``support_y``/``query_y`` are ``(tasks, examples)``."""
     for name, y in (("support_y", support_y), ("query_y", query_y)):
         if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool or y.dim() != 2:
             raise TypeError(
@@ -112,7 +112,7 @@ def _check_labels(caller: str, support_y: Tensor, query_y: Tensor, ways: WaysRes
             f"{caller}: the labels go up to {top - 1} but ways={n} (in task.support_y); labels must be in [0, {n - 1}] "
             f"(pass ways={top} or relabel each task 0..ways-1)"
         )
-    per_task = tops if ways.fixed is None else torch.full_like(tops, n)
+    per_task = tops if variable and ways.fixed is None else torch.full_like(tops, n)
     present = torch.stack([(support_y == k).any(dim=1) for k in range(n)], dim=1)  # (tasks, ways)
     missing = (torch.arange(n, device=tops.device) < per_task.unsqueeze(1)) & ~present
     if bool(missing.any()):
@@ -152,9 +152,10 @@ def metric_checks(*, caller: str, encoder: ModelFn, ways: WaysResolver,
     It checks the parameter names (none missing, none the encoder does not take), that floating-point tasks have
     the parameters' dtype, that the encoder takes the tasks' inputs and returns ``(examples, features)``, that
     labels are integers, derives (or checks) the number of ways from the support labels, that every support set
-    holds every class, and that every query label is one of its task's support classes. A padded meta-batch
-    (:mod:`metafunc.core.padding`) is refused unless ``padding`` (the learner masks padding), and on an encoder with
-    batch statistics.
+    holds every class, and that every query label is one of its task's support classes. With ``padding`` (the
+    learner masks padding and absent classes) and no fixed ``ways``, tasks may have different numbers of ways
+    (each its largest support label plus one) and a padded meta-batch (:mod:`metafunc.core.padding`) is accepted,
+    unless the encoder has batch statistics; without it, every task has every class and padding is refused.
     """
     shapes: dict[tuple, tuple[int, ...]] = {}
 
@@ -177,8 +178,8 @@ def metric_checks(*, caller: str, encoder: ModelFn, ways: WaysResolver,
             )
         support_y = tasks.support_y if batched else tasks.support_y.unsqueeze(0)
         query_y = tasks.query_y if batched else tasks.query_y.unsqueeze(0)
-        _check_labels(caller, support_y, query_y, ways)
         _check_padded(caller, encoder, tasks, padding)
+        _check_labels(caller, support_y, query_y, ways, variable=padding)
 
     return validate
 

@@ -26,6 +26,8 @@ def protonet(encoder: ModelFn, *, ways: int | None = None) -> MetaLearner:
     is the number of classes per task; by default it is derived from the labels when :func:`metafunc.meta_batch`
     validates the meta-batch, and tasks may then have different numbers of ways and shots: a padded meta-batch
     (:func:`metafunc.pad_tasks`) scores each task among its own classes and real examples, as if it were alone.
+    ``predict`` scores every prototype; a class absent from a task has a zero prototype, which
+    :func:`metafunc.core.padding.mask_logits` masks.
 
     Example:
         >>> import torch
