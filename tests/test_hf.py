@@ -211,3 +211,32 @@ def test_integer_tokens_stay_integers_through_the_episode_sampler():
         2, torch.Generator().manual_seed(0))
     assert task.support_x.dtype == torch.int64 and task.support_x.shape == (2, 6, 2, 5)
     assert set(task.support_x[:, :, 1].unique().tolist()) == {0, 1}
+
+
+@MODES
+def test_meta_learned_lora_initialisation_equals_autograd_on_the_untouched_peft_model(float64, mode, chunk):
+    peft = pytest.importorskip("peft")
+    lora = peft.get_peft_model(tiny("bert"), peft.LoraConfig(r=2, target_modules=["query", "value"],
+                                                             lora_dropout=0.0))
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.1 * torch.randn_like(p))   # peft starts B at zero; move off it so every term is tested
+    model, params = functionalize(lora)
+    assert sum("lora_" in k for k in params) == 8 and "encoder.layer.1.attention.self.query.base_layer.weight" in params
+    adapted = {k: v for k, v in params.items() if "lora_" in k}
+    frozen = {k: v.detach() for k, v in params.items() if "lora_" not in k}
+    learner = proto_maml(model, inner_lr=0.3, head_lr=0.5, steps=2, adapt=lambda k: "lora_" in k)
+    tasks = token_tasks()
+    p = {**frozen, **{k: v.detach().clone().requires_grad_(True) for k, v in adapted.items()}}
+    loss, _ = meta_batch(learner.meta_loss, mode=mode, chunk_size=chunk)(p, tasks)
+    got = dict(zip(adapted, torch.autograd.grad(loss, [p[k] for k in adapted])))
+
+    prefix = "hf.base_model.model."
+    reference_params = {prefix + k: v for k, v in params.items()}
+    with sdpa_kernel([SDPBackend.MATH]):
+        ref_loss, reference = reference_proto_maml_gradient(
+            Untouched(lora), reference_params, tasks, ways=WAYS, inner_lr=0.3, head_lr=0.5, steps=2,
+            first_order=False, adapted=lambda k: "lora_" in k)
+    assert abs(loss.item() - ref_loss.item()) < 1e-12
+    assert relative_error(got, {k: reference[prefix + k] for k in adapted}) < 1e-10

@@ -84,7 +84,8 @@ def functionalize(module: nn.Module) -> tuple[FunctionalModel, Params]:
     The parameters are fresh leaf tensors (``requires_grad=True``), ready for ``torch.optim``; the module is left
     as it was. Buffers (running statistics, constants) are copied into the model as constants. A Hugging Face
     ``transformers`` model (BERT, RoBERTa, DistilBERT) is wrapped in :class:`metafunc.hf.TransformerEncoder` first,
-    so that it is exact under ``vmap`` and takes integer tokens; other ``transformers`` models are refused there.
+    so that it is exact under ``vmap`` and takes integer tokens (a ``peft`` model wrapping one too); other
+    ``transformers`` models are refused there.
 
     Example:
         >>> model, params = functionalize(nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 1)))
@@ -94,11 +95,11 @@ def functionalize(module: nn.Module) -> tuple[FunctionalModel, Params]:
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"functionalize: module must be an nn.Module (got {type(module).__name__})")
-    transformers = sys.modules.get("transformers")  # a transformers model was built only if it is imported
-    if transformers is not None and isinstance(module, transformers.PreTrainedModel):
-        from metafunc.hf import TransformerEncoder
+    if "transformers" in sys.modules:  # a transformers model can exist only once transformers is imported
+        from metafunc.hf import TransformerEncoder, is_transformers_model
 
-        module = TransformerEncoder(module)
+        if is_transformers_model(module):
+            module = TransformerEncoder(module)
     model = FunctionalModel(module)
     return model, model.init_params()
 

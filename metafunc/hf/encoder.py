@@ -61,14 +61,25 @@ ARCHITECTURES: dict[str, Architecture] = {
 
 
 def is_transformers_model(module: Any) -> bool:
-    """Whether ``module`` is a ``transformers`` ``PreTrainedModel`` (without importing ``transformers``).
+    """Whether ``module`` is a ``transformers`` ``PreTrainedModel``, or a ``peft`` model wrapping one (LoRA
+    adapters), without importing either package.
 
     Example:
         >>> is_transformers_model(nn.Linear(2, 2))
         False
     """
     transformers = sys.modules.get("transformers")
-    return transformers is not None and isinstance(module, transformers.PreTrainedModel)
+    if transformers is None:
+        return False
+    return isinstance(_unwrap_peft(module), transformers.PreTrainedModel)
+
+
+def _unwrap_peft(module: Any) -> Any:
+    """The ``transformers`` model inside a ``peft`` ``PeftModel`` (with its adapter layers), else ``module``."""
+    peft = sys.modules.get("peft")
+    if peft is not None and isinstance(module, peft.PeftModel):
+        return module.base_model.model
+    return module
 
 
 def _attr(root: nn.Module, path: str) -> Any:
@@ -174,6 +185,10 @@ class TransformerEncoder(nn.Module):
     token states :meth:`lower_states` computes (once, without a graph) from a full encoder: the frozen lower
     layers then run once per text instead of once per task and inner step.
 
+    A ``peft`` model (``get_peft_model(model, LoraConfig(...))``) is taken too: its LoRA layers run as ``peft``
+    wrote them, and their parameters (``...query.lora_A.default.weight``) can be the only ones adapted and
+    meta-learned (``adapt=lambda name: "lora_" in name``): a meta-learned LoRA initialisation.
+
     Example:
         >>> import transformers
         >>> config = transformers.BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=2,
@@ -195,6 +210,7 @@ class TransformerEncoder(nn.Module):
 
     def __init__(self, model: nn.Module, *, pooling: str | None = None, top: int | None = None):
         super().__init__()
+        model = _unwrap_peft(model)
         arch = _check_model(model)
         self.architecture = arch
         self.pooling = _check_pooling(pooling, model, arch)
