@@ -14,11 +14,13 @@ from metafunc.text.clinc import (
     Clinc150,
     clinc_domain_split,
     clinc_samplers,
+    clinc_variable_samplers,
     load_clinc150,
 )
 from metafunc.text.minilm import MINILM_DIM, SentenceEncoder, embed_texts, load_minilm, minilm_encoder, tokenize
 
 __all__ = [
-    "Clinc150", "load_clinc150", "clinc_domain_split", "clinc_samplers", "DEFAULT_TEST_DOMAINS", "SPLITS",
+    "Clinc150", "load_clinc150", "clinc_domain_split", "clinc_samplers", "clinc_variable_samplers",
+    "DEFAULT_TEST_DOMAINS", "SPLITS",
     "SentenceEncoder", "load_minilm", "minilm_encoder", "tokenize", "embed_texts", "MINILM_DIM",
 ]
