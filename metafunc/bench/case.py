@@ -152,10 +152,22 @@ def _timed(cfg: BenchConfig, meta_step: Callable[[], tuple[torch.Tensor, Metrics
     return times, loss, metrics
 
 
+def _finish_measuring(step_fn: Any, meta_step: Callable[[], Any]) -> int:
+    """Run ``mode="auto"``'s measuring meta-steps (each candidate plan on real meta-steps) before anything is timed,
+    so that the timed steps run the chosen plan; returns how many ran (0 for a fixed mode)."""
+    planner = getattr(step_fn, "planner", None)
+    calls = 0
+    while planner is not None and planner.plan() is None and calls < 100:
+        meta_step()
+        calls += 1
+    return calls
+
+
 def run_case(cfg: BenchConfig, path: str, steps: int, *, measure_rss: bool = False) -> dict[str, Any]:
     """Run one (path, steps) case in this process: ``{"times": [...], "peak_bytes": ..., "grad": {...}, ...}``.
 
-    Each meta-step is the default step :func:`metafunc.meta_value_and_grad`, as ``metafunc train`` takes it.
+    Each meta-step is the default step :func:`metafunc.meta_value_and_grad`, as ``metafunc train`` takes it; with
+    ``mode="auto"`` its measuring steps run first, untimed, and ``"plan"`` says what it chose.
 
     Example:
         >>> out = run_case(BenchConfig(model="mlp", meta_batch=2, repeats=1), "one_step", 3)
@@ -176,13 +188,16 @@ def run_case(cfg: BenchConfig, path: str, steps: int, *, measure_rss: bool = Fal
 
     if measure_rss:
         _prime(cfg, path, model, steps, params, tasks)
+    measuring = _finish_measuring(step_fn, meta_step)
     if cfg.device.startswith("cuda"):
         torch.cuda.synchronize(cfg.device)
     base = _memory_base(cfg, measure_rss)
     times, loss, metrics = _timed(cfg, meta_step)
     peak = _memory_peak(cfg, base, measure_rss)
     grad = {k: v.grad.detach().to("cpu", torch.float64).clone() for k, v in params.items()}  # type: ignore[union-attr]
+    plan = getattr(step_fn, "plan", None)
     return {"path": path, "steps": steps, "times": times, "peak_bytes": peak, "grad": grad,
+            "plan": None if plan is None else str(plan), "measuring_steps": measuring,
             "loss": float(loss.detach()),
             "accuracy": float(metrics["accuracy"].detach()) if "accuracy" in metrics else float("nan"),
             "params": sum(v.numel() for v in params.values())}

@@ -49,7 +49,7 @@ class BenchConfig:
     inner_lr: float = 0.1
     repeats: int = 3
     warmup: int = 1
-    mode: Mode = "vmap"
+    mode: Mode = "auto"
     memory: str = "auto"
     options: dict[str, Any] = field(default_factory=dict)
     seed: int = 0

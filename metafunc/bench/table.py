@@ -49,7 +49,7 @@ def _row(cfg: BenchConfig, out: dict[str, Any], cosine: float | None, ratio: flo
             "median_s": statistics.median(times) if times else None, "times_s": times,
             "peak_mib": None if out.get("peak_bytes") is None else out["peak_bytes"] / 2 ** 20,
             "cosine": cosine, "norm_ratio": ratio, "loss": out.get("loss"),
-            "accuracy": out.get("accuracy"), "error": out.get("error")}
+            "accuracy": out.get("accuracy"), "error": out.get("error"), "plan": out.get("plan")}
 
 
 def run_bench(cfg: BenchConfig, *, isolate: bool | None = None, progress: bool = True) -> list[dict[str, Any]]:
@@ -94,7 +94,8 @@ def run_bench(cfg: BenchConfig, *, isolate: bool | None = None, progress: bool =
 
 
 def format_table(rows: Sequence[dict[str, Any]], *, markdown: bool = False) -> str:
-    """The rows as an aligned text table (or a Markdown table).
+    """The rows as an aligned text table (or a Markdown table); with a ``plan`` in the rows (``mode="auto"``), a
+    last column says how each case's meta-batch ran.
 
     Example:
         >>> print(format_table([{"path": "exact", "steps": 1, "median_s": 0.01, "peak_mib": 2.0, "cosine": 1.0,
@@ -102,18 +103,20 @@ def format_table(rows: Sequence[dict[str, Any]], *, markdown: bool = False) -> s
         path   k  time/meta-step  peak memory  cos vs exact  norm / exact norm
         exact  1         10.0 ms      2.0 MiB      1.000000             1.0000
     """
-    header = ["path", "k", "time/meta-step", "peak memory", "cos vs exact", "norm / exact norm"]
+    plans = any(r.get("plan") for r in rows)
+    header = ["path", "k", "time/meta-step", "peak memory", "cos vs exact", "norm / exact norm"] + (
+        ["meta-batch runs as"] if plans else [])
     body = []
     for r in rows:
         if r.get("error"):
-            body.append([r["path"], str(r["steps"]), r["error"], "", "", ""])
+            body.append([r["path"], str(r["steps"]), r["error"], "", "", ""] + ([""] if plans else []))
             continue
         t = r["median_s"]
         time_s = f"{t * 1e3:.1f} ms" if t < 1 else f"{t:.2f} s"
         mem = "n/a" if r["peak_mib"] is None else f"{r['peak_mib']:.1f} MiB"
         cos = "n/a" if r["cosine"] is None else f"{r['cosine']:.6f}"
         ratio = "n/a" if r["norm_ratio"] is None else f"{r['norm_ratio']:.4f}"
-        body.append([r["path"], str(r["steps"]), time_s, mem, cos, ratio])
+        body.append([r["path"], str(r["steps"]), time_s, mem, cos, ratio] + ([r.get("plan") or ""] if plans else []))
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
         lines += ["| " + " | ".join(b) + " |" for b in body]

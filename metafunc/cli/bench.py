@@ -68,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inner-lr", type=float, default=0.1)
     p.add_argument("--repeats", type=int, default=3, help="timed meta-steps per case (the median is reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed meta-steps before timing")
-    p.add_argument("--mode", default="vmap", choices=["vmap", "loop"], help="meta_batch mode")
+    p.add_argument("--mode", default="auto", choices=["auto", "vmap", "loop"],
+                   help="how the meta-batch runs: auto (default, as metafunc train) measures the loop, vmap and vmap "
+                        "chunks on untimed meta-steps and keeps the fastest, shown in the table's last column")
     p.add_argument("--memory", default="auto", choices=list(MEMORY_METHODS),
                    help="auto: CUDA allocator peak on a GPU, peak RSS of a subprocess per case on a CPU")
     p.add_argument("--seed", type=int, default=0)
@@ -129,8 +131,8 @@ def _report(cfg: BenchConfig, rows: list[dict[str, Any]], args: argparse.Namespa
                    "none": "not measured"}[method]
     print(f"metafunc bench: model={cfg.model} meta-batch={cfg.meta_batch} ways={cfg.ways} shots={cfg.shots} "
           f"query={cfg.query} dtype={cfg.dtype} mode={cfg.mode} device={device} torch={torch.__version__}")
-    print(f"time: median of {cfg.repeats} meta-steps (forward + backward) after {cfg.warmup} warm-up; "
-          f"memory: {memory_note}")
+    print(f"time: median of {cfg.repeats} meta-steps (forward + backward) after {cfg.warmup} warm-up"
+          f"{' and auto measuring its plans' if cfg.mode == 'auto' else ''}; memory: {memory_note}")
     print(format_table(rows, markdown=args.markdown))
     if args.json:
         atomic_write_text(args.json, strict_json({"config": asdict(cfg), "device": device, "torch": torch.__version__,
