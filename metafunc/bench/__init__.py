@@ -26,7 +26,7 @@ Example:
     >>> cfg = BenchConfig(model="mlp", paths=["exact", "checkpointed"], inner_steps=[2], meta_batch=2, repeats=1,
     ...                   memory="none")
     >>> print(format_table(run_bench(cfg, progress=False)))  # doctest: +ELLIPSIS
-    path          k  time/meta-step  peak memory  cos vs exact  norm / exact norm ... meta-batch runs as
+    path          k  time/meta-step  peak memory  cos vs exact  norm / exact norm...meta-batch runs as
     exact         2 ... n/a ...
     checkpointed  2 ... n/a ...
 """
