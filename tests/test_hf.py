@@ -240,3 +240,22 @@ def test_meta_learned_lora_initialisation_equals_autograd_on_the_untouched_peft_
             first_order=False, adapted=lambda k: "lora_" in k)
     assert abs(loss.item() - ref_loss.item()) < 1e-12
     assert relative_error(got, {k: reference[prefix + k] for k in adapted}) < 1e-10
+
+
+@pytest.mark.parametrize("mode", ["vmap", "loop"])
+def test_variable_way_and_shot_token_tasks_under_vmap_equal_each_task_alone(float64, mode):
+    """Seed 000's protocol on a transformer: tasks of 2 and 3 ways, 1 and 2 shots, padded into one meta-batch of
+    integer tokens; ProtoMAML's loss and meta-gradient equal the mean over the tasks run alone, unpadded."""
+    from metafunc import pad_tasks
+
+    hf = tiny("bert")
+    model, params = functionalize(hf)
+    big, small = token_tasks(num_tasks=1, shots=2, seed=1).task_at(0), token_tasks(num_tasks=1, seed=2).task_at(0)
+    keep_support, keep_query = small.support_y < 2, small.query_y < 2      # 2 ways, 1 shot
+    small = Task(small.support_x[keep_support], small.support_y[keep_support], small.query_x[keep_query],
+                 small.query_y[keep_query])
+    learner = proto_maml(model, inner_lr=0.3, head_lr=0.5, steps=2)
+    loss, grads = metafunc_gradient(learner, params, pad_tasks([big, small]), mode, None)
+    alone = [metafunc_gradient(learner, params, Task(*(t[None] for t in task)), "loop", None) for task in (big, small)]
+    assert abs(loss.item() - sum(a[0].item() for a in alone) / 2) < 1e-12
+    assert relative_error(grads, {k: (alone[0][1][k] + alone[1][1][k]) / 2 for k in grads}) < 1e-10
