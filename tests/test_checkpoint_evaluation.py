@@ -53,3 +53,33 @@ def test_prototype_head_equals_the_autograd_reference(algorithm, head_lr, tmp_pa
 def test_new_head_is_checked():
     with pytest.raises(ValueError, match=r"evaluate_checkpoint: new_head must be one of zero, prototypes \(got 'ones'\)"):
         evaluate_checkpoint("missing.pt", new_head="ones")
+
+
+def test_sgd_inner_loop_is_plain_gradient_descent_from_the_meta_parameters(tmp_path):
+    """iMAML's test protocol (lambda = 0): the checkpoint adapts by plain SGD on every parameter, as a
+    torch.autograd loop on the nn.Module does, not by iMAML's proximal inner loop."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from reference import reference_task_objective
+
+    from metafunc.train.checkpoint_evaluation import _sgd_inner_loop
+
+    run = train(TrainConfig(dataset="synthetic", algorithm="imaml", iterations=3, width=8, inner_lr=0.4,
+                            eval_inner_steps=2, out=str(tmp_path / "imaml")), progress=False)
+    ckpt = load_checkpoint(run.out / "checkpoint.pt")
+    cfg = resolve_config(TrainConfig(**ckpt["config"]))
+    exp, params, _ = _parameters(ckpt, build_experiment(cfg), cfg, 5, "zero")
+    sgd, note = _sgd_inner_loop(exp, cfg, params, None)
+    assert note.startswith("inner loop: plain gradient descent on every parameter (lr 0.4) instead of imaml's own")
+    task = exp.sources["val"].sample(1, torch.Generator().manual_seed(3)).task_at(0)
+    loss, _ = sgd.learner.evaluate(params, task, steps=2)
+    own_loss, _ = exp.learner.evaluate(params, task, steps=2)
+    module = build_network(cfg, exp.sources["val"].sample(1, torch.Generator()), with_head=True)
+    reference = reference_task_objective(module, {k: v.clone().requires_grad_(True) for k, v in params.items()},
+                                         list(task), algorithm="maml", inner_lr=0.4, steps=2)
+    assert abs(loss.item() - reference.item()) < 1e-5 * max(1.0, abs(reference.item()))
+    assert abs(own_loss.item() - reference.item()) > 1e-4   # iMAML's proximal loop is another adaptation
+    with pytest.raises(ValueError, match=r"evaluate_checkpoint: inner_loop must be one of learner, sgd \(got 'adam'\)"):
+        evaluate_checkpoint(run.out / "checkpoint.pt", inner_loop="adam")

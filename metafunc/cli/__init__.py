@@ -150,6 +150,9 @@ def _add_evaluate_command(sub: Any) -> None:
     e.add_argument("--new-head", choices=("zero", "prototypes"),
                    help="at other ways than trained: a zero output layer adapted in the inner loop, or one initialised "
                         "from the support prototypes (default zero)")
+    e.add_argument("--inner-loop", choices=("learner", "sgd"), default="learner",
+                   help="test-time adaptation: the learner's own inner loop (default), or plain gradient descent on "
+                        "every parameter from the meta-parameters (iMAML's authors' test protocol, lambda = 0)")
     e.add_argument("--split", choices=("test", "val"), default="test", help="which split to draw episodes from")
     e.add_argument("--data-root", help="folder with the Omniglot zips (default: as trained)")
     e.add_argument("--device", help="device (default: as trained)")

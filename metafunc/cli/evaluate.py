@@ -22,7 +22,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     """
     evaluation = evaluate_checkpoint(args.checkpoint, split=args.split, episodes=args.episodes, seed=args.seed,
                                      batch=args.meta_batch, progress=not args.no_progress, new_head=args.new_head,
-                                     ways=args.ways,
+                                     inner_loop=args.inner_loop, ways=args.ways,
                                      shots=args.shots, queries=args.queries, data_root=args.data_root,
                                      device=args.device, eval_inner_steps=args.inner_steps)
     _print(args, evaluation)

@@ -23,10 +23,15 @@ from metafunc.train.config import ResolvedConfig, TrainConfig, resolve_config
 from metafunc.train.evaluation import HEAD_PREFIX, EvalResult, evaluate_episodes, new_output_layer
 from metafunc.train.experiment import Experiment, build_experiment
 
-__all__ = ["CheckpointEvaluation", "evaluate_checkpoint", "EVALUATION_OVERRIDES", "NEW_HEADS"]
+__all__ = ["CheckpointEvaluation", "evaluate_checkpoint", "EVALUATION_OVERRIDES", "NEW_HEADS", "INNER_LOOPS"]
 
 EVALUATION_OVERRIDES = ("ways", "shots", "queries", "data_root", "device", "eval_inner_steps")
 """Settings an evaluation may change from the trained run's."""
+
+INNER_LOOPS = ("learner", "sgd")
+"""How a checkpoint adapts at test time (``evaluate_checkpoint(inner_loop=...)``): the trained learner's own inner
+loop, or plain gradient descent from the meta-parameters on every parameter at the run's inner learning rate (MAML's
+inner loop): iMAML's test protocol in its authors' code (the proximal term's lambda set to 0)."""
 
 NEW_HEADS = ("zero", "prototypes")
 """How a checkpoint's output layer is replaced at another number of ways (``evaluate_checkpoint(new_head=...)``)."""
@@ -55,13 +60,15 @@ class CheckpointEvaluation(NamedTuple):
 
 def evaluate_checkpoint(checkpoint: str | os.PathLike, *, split: str = "test", episodes: int = 600, seed: int = 0,
                         batch: int = 25, progress: bool = False, new_head: str | None = None,
-                        **overrides: Any) -> CheckpointEvaluation:
+                        inner_loop: str = "learner", **overrides: Any) -> CheckpointEvaluation:
     """Evaluate a ``metafunc train`` checkpoint on ``episodes`` tasks of ``split``, at the trained settings or
     ``overrides`` (:data:`EVALUATION_OVERRIDES`); a learner without an inner loop reports no inner steps.
 
     At another number of ways, ``new_head`` (:data:`NEW_HEADS`) says how the output layer is replaced: ``"zero"``
     (the default: adapted in the inner loop; every parameter adapts for BOIL) or ``"prototypes"`` (initialised from
     the support prototypes, then the learner's inner loop: BOIL keeps it fixed and adapts the body).
+    ``inner_loop="sgd"`` (:data:`INNER_LOOPS`) adapts with plain gradient descent instead of the learner's own inner
+    loop (iMAML's test protocol, lambda = 0), for learners whose parameters are the model's.
 
     Example:
         >>> import tempfile
@@ -74,6 +81,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, *, split: str = "test", e
     unknown = sorted(set(overrides) - set(EVALUATION_OVERRIDES))
     if unknown:
         raise TypeError(f"evaluate_checkpoint: unknown setting(s) {unknown}; it takes {', '.join(EVALUATION_OVERRIDES)}")
+    if inner_loop not in INNER_LOOPS:
+        raise ValueError(f"evaluate_checkpoint: inner_loop must be one of {', '.join(INNER_LOOPS)} (got {inner_loop!r})")
     if new_head is not None and new_head not in NEW_HEADS:
         raise ValueError(f"evaluate_checkpoint: new_head must be one of {', '.join(NEW_HEADS)} (got {new_head!r})")
     ckpt = load_checkpoint(checkpoint)
@@ -84,6 +93,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, *, split: str = "test", e
         raise ValueError(f"evaluate_checkpoint: new_head='prototypes' is offered for "
                          f"{', '.join(_PROTOTYPE_HEAD_INNER_LOOPS)} (got algorithm {cfg.algorithm!r}); use new_head='zero'")
     exp, params, head_note = _parameters(ckpt, build_experiment(cfg), cfg, trained_ways, new_head)
+    if inner_loop == "sgd":
+        exp, head_note = _sgd_inner_loop(exp, cfg, params, head_note)
     result = evaluate_episodes(exp.learner, params, exp.sources[split], episodes=episodes,
                                steps=cfg.eval_inner_steps, classification=exp.classification,
                                generator=torch.Generator(device=cfg.device).manual_seed(seed), batch=batch,
@@ -141,6 +152,22 @@ def _zero_head(exp: Experiment, cfg: ResolvedConfig, trained_ways: int | None) -
                                                           loss="cross_entropy"))
         note += " (BOIL adapts only the body, so here every parameter adapts, as in MAML)"
     return exp, note
+
+
+def _sgd_inner_loop(exp: Experiment, cfg: ResolvedConfig, params: Params,
+                    head_note: str | None) -> tuple[Experiment, str]:
+    """The experiment with MAML's inner loop (plain gradient descent on every parameter from the meta-parameters)
+    in place of the learner's own, and the note that says so."""
+    spec = LEARNERS[cfg.algorithm]
+    if not spec.accepts("steps") or set(params) != set(exp.params):
+        raise ValueError(f"evaluate_checkpoint: inner_loop='sgd' adapts the model's parameters by gradient descent; "
+                         f"{cfg.algorithm}'s parameters are not (only) the model's or it has no inner loop; use "
+                         "inner_loop='learner'")
+    learner = LEARNERS["maml"].build(exp.model, inner_lr=cfg.inner_lr, steps=cfg.eval_inner_steps,
+                                     loss="cross_entropy" if exp.classification else "mse")
+    note = (f"inner loop: plain gradient descent on every parameter (lr {cfg.inner_lr}) instead of "
+            f"{cfg.algorithm}'s own")
+    return exp._replace(learner=learner), note if head_note is None else f"{head_note}; {note}"
 
 
 def _prototype_head(exp: Experiment, cfg: ResolvedConfig, params: Params,
