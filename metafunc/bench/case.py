@@ -97,8 +97,26 @@ def _rss_bytes() -> int:
 
 
 def _max_rss_bytes() -> int:
+    """The peak RSS since the last :func:`_reset_peak_rss` (``VmHWM``), else since the process started."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+
+
+def _reset_peak_rss() -> None:
+    """Reset ``VmHWM`` to the current RSS (Linux >= 4.0: ``5`` to ``clear_refs``), so that the steps before the
+    measured one (``mode="auto"`` measuring its plans, the priming case) do not set the peak."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
 
 
 def _malloc_trim() -> None:
@@ -125,7 +143,10 @@ def _memory_base(cfg: BenchConfig, measure_rss: bool) -> int:
     if cfg.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(cfg.device)
         return torch.cuda.memory_allocated(cfg.device)
-    return _rss_bytes() if measure_rss else 0
+    if not measure_rss:
+        return 0
+    _reset_peak_rss()
+    return _rss_bytes()
 
 
 def _memory_peak(cfg: BenchConfig, base: int, measure_rss: bool) -> int | None:
@@ -186,9 +207,9 @@ def run_case(cfg: BenchConfig, path: str, steps: int, *, measure_rss: bool = Fal
         apply_grads(params, grads)
         return loss, metrics
 
+    measuring = _finish_measuring(step_fn, meta_step)
     if measure_rss:
         _prime(cfg, path, model, steps, params, tasks)
-    measuring = _finish_measuring(step_fn, meta_step)
     if cfg.device.startswith("cuda"):
         torch.cuda.synchronize(cfg.device)
     base = _memory_base(cfg, measure_rss)
