@@ -103,8 +103,9 @@ def _check_model(model: Any) -> Architecture:
         raise ValueError(
             f"TransformerEncoder: {name} (model_type {kind!r}) is not a checked architecture; checked: "
             f"{sorted(ARCHITECTURES)} (base model or *ForSequenceClassification). Its attention, position and mask "
-            "code is not known to run exactly under vmap; use mode='loop' on the plain module, or add it to "
-            "metafunc.hf.ARCHITECTURES with a float64 test"
+            "code is not known to run exactly under vmap; to run it in a loop over tasks, call it from your own "
+            "nn.Module whose forward takes one tensor, pass that to convert_norm_layers and functionalize, and use "
+            "mode='loop'; or add it to metafunc.hf.ARCHITECTURES with a float64 test"
         )
     if model.base_model is not model and not _classification(model):
         raise ValueError(f"TransformerEncoder: {name} has a head metafunc does not run; pass the base model "
