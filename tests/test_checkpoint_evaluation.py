@@ -83,3 +83,8 @@ def test_sgd_inner_loop_is_plain_gradient_descent_from_the_meta_parameters(tmp_p
     assert abs(own_loss.item() - reference.item()) > 1e-4   # iMAML's proximal loop is another adaptation
     with pytest.raises(ValueError, match=r"evaluate_checkpoint: inner_loop must be one of learner, sgd \(got 'adam'\)"):
         evaluate_checkpoint(run.out / "checkpoint.pt", inner_loop="adam")
+    meta_sgd = train(TrainConfig(dataset="synthetic", algorithm="meta_sgd", iterations=1, width=8,
+                                 out=str(tmp_path / "meta_sgd")), progress=False)
+    with pytest.raises(ValueError, match=r"inner_loop='sgd' .* but meta_sgd cannot be evaluated that way: its "
+                                         r"parameters \['inner_lr/"):
+        evaluate_checkpoint(meta_sgd.out / "checkpoint.pt", episodes=2, inner_loop="sgd")

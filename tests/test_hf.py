@@ -259,3 +259,12 @@ def test_variable_way_and_shot_token_tasks_under_vmap_equal_each_task_alone(floa
     alone = [metafunc_gradient(learner, params, Task(*(t[None] for t in task)), "loop", None) for task in (big, small)]
     assert abs(loss.item() - sum(a[0].item() for a in alone) / 2) < 1e-12
     assert relative_error(grads, {k: (alone[0][1][k] + alone[1][1][k]) / 2 for k in grads}) < 1e-10
+
+
+def test_transformers_4_is_refused_with_the_fix(monkeypatch):
+    import metafunc.hf.encoder
+
+    monkeypatch.setattr(metafunc.hf.encoder, "_transformers_version", lambda: "4.40.0")
+    with pytest.raises(ImportError, match=r"TransformerEncoder: needs transformers >= 5 \(got 4.40.0\).*"
+                                          r"pip install 'transformers>=5'"):
+        TransformerEncoder(tiny("bert"))

@@ -121,9 +121,23 @@ def _check_model(model: Any) -> Architecture:
     return ARCHITECTURES[kind]
 
 
+def _transformers_version() -> str:
+    """The installed ``transformers`` version (its package metadata)."""
+    from importlib.metadata import version
+
+    return version("transformers")
+
+
 def _exact_copy(model: nn.Module) -> nn.Module:
     """A copy of ``model`` that shares its weight tensors, in eval mode (no dropout), with eager attention and
     metafunc's exact LayerNorm; ``model`` itself is left as it was."""
+    version = _transformers_version()
+    if int(version.split(".")[0]) < 5:
+        # Older transformers chose BERT's attention class (SDPA by default, no double backward) when the model was
+        # built; 5 dispatches on config._attn_implementation at every call, which this copy sets. Checked on 5.
+        raise ImportError(f"TransformerEncoder: needs transformers >= 5 (got {version}), whose "
+                          "attention implementation can be switched to eager after loading; pip install "
+                          "'transformers>=5'")
     shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
     clone = copy.deepcopy(model, memo=shared)
     clone.set_attn_implementation("eager")  # type: ignore[operator]
@@ -226,7 +240,7 @@ class TransformerEncoder(nn.Module):
     def _prune(self, arch: Architecture) -> None:
         """Drop what this module never runs: the pooler unless used; with ``top``, the embeddings and lower layers
         (kept layers stay under their own index: ``encoder.layer.5`` of a 6-layer model)."""
-        base = _attr(self, self.base_prefix[:-1]) if self.base_prefix else self
+        base = self._base()
         if arch.pooler is not None and self.pooling not in (None, "pooler") and hasattr(base, arch.pooler):
             setattr(base, arch.pooler, None)
         if self.top is None:

@@ -158,11 +158,12 @@ def _sgd_inner_loop(exp: Experiment, cfg: ResolvedConfig, params: Params,
                     head_note: str | None) -> tuple[Experiment, str]:
     """The experiment with MAML's inner loop (plain gradient descent on every parameter from the meta-parameters)
     in place of the learner's own, and the note that says so."""
-    spec = LEARNERS[cfg.algorithm]
-    if not spec.accepts("steps") or set(params) != set(exp.params):
-        raise ValueError(f"evaluate_checkpoint: inner_loop='sgd' adapts the model's parameters by gradient descent; "
-                         f"{cfg.algorithm}'s parameters are not (only) the model's or it has no inner loop; use "
-                         "inner_loop='learner'")
+    model_names = set(getattr(exp.model, "param_names", params))
+    extra = sorted(set(params) - model_names)
+    if not LEARNERS[cfg.algorithm].accepts("steps") or extra:
+        why = f"its parameters {extra[:3]} are not the model's" if extra else "it has no inner loop"
+        raise ValueError(f"evaluate_checkpoint: inner_loop='sgd' adapts the model's parameters by gradient descent, "
+                         f"but {cfg.algorithm} cannot be evaluated that way: {why}; use inner_loop='learner'")
     learner = LEARNERS["maml"].build(exp.model, inner_lr=cfg.inner_lr, steps=cfg.eval_inner_steps,
                                      loss="cross_entropy" if exp.classification else "mse")
     note = (f"inner loop: plain gradient descent on every parameter (lr {cfg.inner_lr}) instead of "
