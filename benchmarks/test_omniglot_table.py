@@ -59,3 +59,13 @@ def test_the_table_script_runs_end_to_end_at_a_smoke_budget(tmp_path):
                                            r"budget 2.0\); delete .* to rerun maml"):
         omniglot_table.main(["--budget", "3", "--learners", "maml", "--data-root", str(Path(data, "omniglot")),
                              "--out", str(out)])
+
+
+def test_the_default_rows_are_one_chosen_setting_of_every_learner_in_the_readme_table():
+    """Without ``--learners`` the script runs the README's table: one row per learner, each a known setting."""
+    algorithms = [omniglot_table.VARIANTS.get(row, row) for row in omniglot_table.TABLE]
+    assert sorted(algorithms) == sorted({"maml", "fomaml", "anil", "boil", "meta_sgd", "reptile", "imaml", "protonet",
+                                         "matching_net", "proto_maml", "fo_proto_maml", "maml_plus_plus"})
+    assert set(omniglot_table.TABLE) <= set(omniglot_table.SETTINGS)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert "`python benchmarks/omniglot_table.py --budget 600`" in readme
