@@ -60,3 +60,11 @@ def test_parallel_metalearn_float64_meta_gradient(config):
         pytest.skip(f"parallel_metalearn: {lib.WHY}")
     errors = check_gradients(config, ("parallel_metalearn",), device="cpu", width=8)
     assert errors["parallel_metalearn"] < 1e-10
+
+
+def test_channels_last_variants_float64_meta_gradient():
+    """The channels-last trial of issue 23 (convolution weights in channels-last memory format) computes the plain
+    loop's float64 meta-gradient: a layout that changed the values would not be a speed-up worth timing."""
+    errors = check_gradients("maml2-1", ("metafunc:channels_last", "metafunc:workers1-channels_last"), device="cpu",
+                             width=8)
+    assert all(e is not None and e < 1e-10 for e in errors.values()), errors

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
 from torch import Tensor, nn
 
 import metafunc
@@ -11,9 +12,11 @@ from metafunc.step import default as fast
 
 AVAILABLE, WHY = True, ""
 
-VARIANTS = ("default", "workers1", "compiled", "compiled-cudagraphs", "meta_batch-auto", "loop", "vmap", "vmap-chunk4")
+VARIANTS = ("default", "workers1", "channels_last", "workers1-channels_last", "compiled", "compiled-cudagraphs", "meta_batch-auto", "loop", "vmap", "vmap-chunk4")
 """``default``: ``meta_value_and_grad(learner.meta_loss)`` (mode="auto": on a CPU, a loop running two tasks at a
-time); ``workers1``: the same, one task at a time; ``compiled``: ``metafunc.compiled_meta_step`` (the vmapped
+time); ``workers1``: the same, one task at a time; ``channels_last``, ``workers1-channels_last``: the same with
+the convolution weights in channels-last memory format (mkldnn's preferred layout on a CPU; issue 23's trial);
+``compiled``: ``metafunc.compiled_meta_step`` (the vmapped
 meta-step traced and compiled by inductor; the first call compiles); ``compiled-cudagraphs``: the same replayed as
 a CUDA graph (CUDA only); the others: ``meta_batch(..., mode)`` followed by
 ``loss.backward()`` (``meta_batch-auto`` is the documented meta-step with the default mode)."""
@@ -29,8 +32,11 @@ def _runner(learner, module: nn.Module, tasks, variant: str) -> Callable[[], dic
         def step() -> dict[str, Tensor]:
             return run(params, tasks)[2]
         return step
-    if variant in ("default", "workers1"):
-        run = fast.meta_value_and_grad(learner(model).meta_loss, workers=1 if variant == "workers1" else None)
+    if variant in ("default", "workers1", "channels_last", "workers1-channels_last"):
+        if variant.endswith("channels_last"):
+            params = {k: v.detach().contiguous(memory_format=torch.channels_last).requires_grad_(v.requires_grad)
+                      if v.dim() == 4 else v for k, v in params.items()}
+        run = fast.meta_value_and_grad(learner(model).meta_loss, workers=1 if variant.startswith("workers1") else None)
 
         def step() -> dict[str, Tensor]:
             return run(params, tasks)[2]
