@@ -12,7 +12,8 @@ from metafunc.step import default as fast
 
 AVAILABLE, WHY = True, ""
 
-VARIANTS = ("default", "workers1", "channels_last", "workers1-channels_last", "compiled", "compiled-cudagraphs", "meta_batch-auto", "loop", "vmap", "vmap-chunk4")
+VARIANTS = ("default", "workers1", "channels_last", "workers1-channels_last", "compiled", "compiled-cudagraphs",
+            "meta_batch-auto", "loop", "vmap", "vmap-chunk4")
 """``default``: ``meta_value_and_grad(learner.meta_loss)`` (mode="auto": on a CPU, a loop running two tasks at a
 time); ``workers1``: the same, one task at a time; ``channels_last``, ``workers1-channels_last``: the same with
 the convolution weights in channels-last memory format (mkldnn's preferred layout on a CPU; issue 23's trial);
