@@ -2,8 +2,8 @@
 
 For each workload: the default step ``meta_value_and_grad(learner)`` is first run until it has chosen (its
 measuring calls are real meta-steps, counted apart), then it and every candidate plan fixed by hand
-(``mode``/``chunk_size``/``workers``) are timed in alternating rounds on the same meta-batch; the table gives the
-median seconds per meta-step of each and ``auto / best``. Workloads:
+(``mode``/``chunk_size``/``workers``/``channels_last``) are timed in alternating rounds on the same meta-batch; the
+table gives the median seconds per meta-step of each and ``auto / best``. Workloads:
 
 * ``readme``: the README's example, MAML on sinusoid, 40-40 MLP, 25 tasks, K = 10;
 * ``conv4``: the Omniglot meta-step, second-order MAML, Conv-4 width 64 with BatchNorm, 5-way 1-shot, 15 queries
@@ -93,7 +93,8 @@ WORKLOADS: dict[str, Callable[[], tuple[Any, dict, mf.Task]]] = {
 
 def _fixed(learner: Any, plan: StepPlan) -> Callable:
     return mf.meta_value_and_grad(learner, mode=plan.mode, chunk_size=plan.chunk_size,
-                                  workers=plan.workers if plan.mode == "loop" else None)
+                                  workers=plan.workers if plan.mode == "loop" else None,
+                                  channels_last=plan.channels_last)
 
 
 def measure(name: str, rounds: int) -> dict[str, Any]:

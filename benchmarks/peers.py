@@ -152,7 +152,12 @@ def time_cases(config: str, meta_batch: int, impls: tuple[str, ...], *, device: 
             if progress is not None:
                 progress.set_postfix_str(f"{config} mb={meta_batch} {impl} {time.perf_counter() - start:.2f}s")
         gc.collect()
-    return {k: {"wall": times[k], "cpu": cpu[k]} for k in times}
+    return {k: {"wall": times[k], "cpu": cpu[k], "plan": _plan(steps[k])} for k in times}
+
+
+def _plan(step: Callable) -> str | None:
+    """The way metafunc's step ran its meta-batches (``mode="auto"`` chooses it), None for the peers."""
+    return step.plan() if hasattr(step, "plan") else None
 
 
 def _rss() -> int:
@@ -197,19 +202,26 @@ def _memory_worker(spec: str) -> int:
             f.write("5")
         step()
         peak = _peak_rss() - before
-    print(json.dumps({"peak_bytes": peak}))
+    print(json.dumps({"peak_bytes": peak, "plan": _plan(step)}))
     return 0
 
 
-def measure_memory(impl: str, config: str, meta_batch: int, *, device: str, width: int = 64) -> float | None:
-    """Peak bytes of one meta-step above the baseline, measured in a fresh subprocess."""
+def measure_memory(impl: str, config: str, meta_batch: int, *, device: str,
+                   width: int = 64) -> dict[str, Any] | None:
+    """Peak bytes of one meta-step above the baseline, measured in a fresh subprocess: ``{"peak_bytes", "plan"}``
+    (``plan``: the way metafunc's step ran there, None for a peer)."""
     spec = json.dumps(dict(impl=impl, config=config, meta_batch=meta_batch, device=device, width=width))
     out = subprocess.run([sys.executable, __file__, "--memory-worker", spec], capture_output=True, text=True,
                          env={**os.environ, "PYTHONWARNINGS": "ignore", "MALLOC_MMAP_THRESHOLD_": "65536"})
     if out.returncode != 0:
         print(out.stderr[-2000:], file=sys.stderr)
         return None
-    return float(json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"])
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def _memory_row(impl: str, config: str, meta_batch: int, args: argparse.Namespace) -> dict[str, Any]:
+    got = measure_memory(impl, config, meta_batch, device=args.device, width=args.width) or {}
+    return {"peak_bytes": got.get("peak_bytes"), "memory_plan": got.get("plan")}
 
 
 def _fmt(x: float | None, spec: str) -> str:
@@ -226,13 +238,21 @@ def table(rows: list[dict[str, Any]], *, markdown: bool) -> str:
                       _fmt(r.get("median_s"), ".3f"), _fmt(r.get("time_ratio"), ".2f"),
                       _fmt(r.get("median_cpu_s"), ".3f"), _fmt(r.get("cpu_ratio"), ".2f"),
                       _fmt(None if r.get("peak_bytes") is None else r["peak_bytes"] / 2**20, ".0f"),
-                      _fmt(r.get("memory_ratio"), ".2f"), r.get("note", "")])
+                      _fmt(r.get("memory_ratio"), ".2f"), _note(r)])
     if markdown:
         out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         return "\n".join(out + ["| " + " | ".join(line) + " |" for line in lines])
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(head)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return "\n".join([fmt.format(*head)] + [fmt.format(*line) for line in lines])
+
+
+def _note(row: dict[str, Any]) -> str:
+    """The row's note, and the plan metafunc's step ran (in the timed run; in the memory run where that differs)."""
+    notes = [row.get("note", "")] + ([f"plan: {row['plan']}"] if row.get("plan") else [])
+    if row.get("memory_plan") and row.get("memory_plan") != row.get("plan"):
+        notes.append(f"memory run's plan: {row['memory_plan']}")
+    return "; ".join(n for n in notes if n)
 
 
 def _plot(rows: list[dict[str, Any]], path: str) -> None:
@@ -302,15 +322,15 @@ def main(argv: list[str] | None = None) -> int:
                 for impl in impls:
                     row: dict[str, Any] = dict(config=config, meta_batch=mb, impl=impl, grad_error=errors[impl])
                     if args.memory_only and impl in ok:
-                        row["peak_bytes"] = measure_memory(impl, config, mb, device=args.device, width=args.width)
+                        row.update(_memory_row(impl, config, mb, args))
                     elif impl in times:
                         row["median_s"] = statistics.median(times[impl]["wall"])
                         row["times_s"] = times[impl]["wall"]
                         row["median_cpu_s"] = statistics.median(times[impl]["cpu"])
                         row["cpu_times_s"] = times[impl]["cpu"]
+                        row["plan"] = times[impl]["plan"]
                         if args.memory:
-                            row["peak_bytes"] = measure_memory(impl, config, mb, device=args.device,
-                                                               width=args.width)
+                            row.update(_memory_row(impl, config, mb, args))
                     elif errors[impl] is None:
                         row["note"] = _why_missing(impl, config)
                     else:

@@ -47,7 +47,9 @@ def test_maml_second_order_meta_step(benchmark, case, impl):
     if not load(impl.partition(":")[0]).AVAILABLE:
         pytest.skip(f"{impl}: {load(impl.partition(':')[0]).WHY}")
     step = build_step(impl, "maml2-1", module, tasks)
-    assert tree_relative_error(step(), reference) < 1e-5
+    # float32: kernels of another layout (the channels-last plans) sum in another order; exactness is the float64
+    # check of peers.py (check_gradients, < 1e-10) and of the test below
+    assert tree_relative_error(step(), reference) < 1e-4
     benchmark.pedantic(step, rounds=3, iterations=1, warmup_rounds=1)
 
 
@@ -63,8 +65,9 @@ def test_parallel_metalearn_float64_meta_gradient(config):
 
 
 def test_channels_last_variants_float64_meta_gradient():
-    """The channels-last trial of issue 23 (convolution weights in channels-last memory format) computes the plain
-    loop's float64 meta-gradient: a layout that changed the values would not be a speed-up worth timing."""
+    """metafunc's channels-last loop (issue 23: each task's images and convolution weights in channels-last memory
+    format, two tasks at a time and one) computes the plain loop's float64 meta-gradient: a layout that changed the
+    values would not be a speed-up worth timing."""
     errors = check_gradients("maml2-1", ("metafunc:channels_last", "metafunc:workers1-channels_last"), device="cpu",
                              width=8)
     assert all(e is not None and e < 1e-10 for e in errors.values()), errors

@@ -10,7 +10,7 @@ from reference import reference_meta_gradient, relative_error, torch_conv4
 from torch import nn
 
 import metafunc as mf
-from metafunc.step.plan import AUTO_TRIALS, AutoPlanner, StepPlan, candidate_plans, plan_key
+from metafunc.step.plan import AUTO_TIE, AUTO_TRIALS, AutoPlanner, StepPlan, candidate_plans, plan_key
 
 f64 = torch.float64
 
@@ -38,9 +38,9 @@ def test_auto_times_every_candidate_then_keeps_the_fastest_and_every_call_is_the
         assert relative_error(grads, want) < 1e-12, step.plan          # every plan: the same meta-gradient
     assert sorted(plans[:AUTO_TRIALS * len(candidates)]) == sorted(candidates * AUTO_TRIALS)  # each measured
     report = step.planner.report()
-    fastest = min(report["seconds"], key=report["seconds"].get)
-    assert report["chosen"] == fastest and report["skipped"] == {}
-    assert set(plans[-3:]) == {fastest}                                    # then kept
+    chosen, best = report["chosen"], min(report["seconds"].values())
+    assert report["seconds"][chosen] <= (1 + AUTO_TIE) * best and report["skipped"] == {}   # the fastest, or a tie
+    assert set(plans[-3:]) == {chosen}                                     # then kept
 
 
 def test_a_new_signature_is_measured_again_and_a_fixed_mode_is_never_measured():

@@ -32,11 +32,12 @@ def _float32_case(n=5):
 
 
 @pytest.mark.parametrize("workers", [2, 3, 8])
-def test_workers_agree_with_one_task_at_a_time_and_repeat_bitwise(workers):
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_workers_agree_with_one_task_at_a_time_and_repeat_bitwise(workers, channels_last):
     model, params, tasks = _float32_case()
     learner = maml(model, inner_lr=LR, steps=2)
-    one = meta_value_and_grad(learner.meta_loss, workers=1)(params, tasks)
-    step = meta_value_and_grad(learner.meta_loss, workers=workers)
+    one = meta_value_and_grad(learner.meta_loss, mode="loop", workers=1)(params, tasks)
+    step = meta_value_and_grad(learner.meta_loss, mode="loop", workers=workers, channels_last=channels_last)
     many, again = step(params, tasks), step(params, tasks)
     # each worker runs its kernels on its own intra-op threads, so sums may be cut differently: float32 rounding
     assert tree_relative_error(many[2], one[2]) < 1e-5

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from typing import Callable
 
-import torch
 from torch import Tensor, nn
 
 import metafunc
 from metafunc.step import default as fast
 
 AVAILABLE, WHY = True, ""
+AUTO_PROBES = 40
+"""Calls the ``mode="auto"`` variants make when built, untimed, so the timed ones run the plan auto keeps (the
+trainer probes the same way before a run: ``metafunc.train.loop.measured_plan``)."""
 
 VARIANTS = ("default", "workers1", "channels_last", "workers1-channels_last", "compiled", "compiled-cudagraphs",
             "meta_batch-auto", "loop", "vmap", "vmap-chunk4")
@@ -34,13 +36,17 @@ def _runner(learner, module: nn.Module, tasks, variant: str) -> Callable[[], dic
             return run(params, tasks)[2]
         return step
     if variant in ("default", "workers1", "channels_last", "workers1-channels_last"):
-        if variant.endswith("channels_last"):
-            params = {k: v.detach().contiguous(memory_format=torch.channels_last).requires_grad_(v.requires_grad)
-                      if v.dim() == 4 else v for k, v in params.items()}
-        run = fast.meta_value_and_grad(learner(model).meta_loss, workers=1 if variant.startswith("workers1") else None)
+        layout = {"mode": "loop", "channels_last": True} if variant.endswith("channels_last") else {}
+        run = fast.meta_value_and_grad(learner(model).meta_loss, workers=1 if variant.startswith("workers1") else None,
+                                       **layout)
+        for _ in range(AUTO_PROBES if not layout else 0):  # mode="auto" measures its candidates on the first
+            run(params, tasks)                              # calls: time the plan it keeps, as a run would
+            if run.planner.plan() is not None:
+                break
 
         def step() -> dict[str, Tensor]:
             return run(params, tasks)[2]
+        step.plan = lambda: str(run.plan)  # type: ignore[attr-defined]
         return step
     mode, chunk = {"meta_batch-auto": ("auto", None), "loop": ("loop", None), "vmap": ("vmap", None),
                    "vmap-chunk4": ("vmap", 4)}[variant]

@@ -123,6 +123,7 @@ def meta_value_and_grad(
     mode: Literal["auto", "vmap", "loop"] = "auto",
     chunk_size: int | None = None,
     workers: int | None = None,
+    channels_last: bool | None = None,
     validate: bool = True,
 ) -> Callable[[Params, Task], tuple[Tensor, Metrics, Params]]:
     """Build ``step(params, tasks) -> (loss, metrics, grads)``: the mean meta-loss over the tasks and its gradient.
@@ -133,17 +134,21 @@ def meta_value_and_grad(
     has run, so the peak memory is that of one task or chunk instead of the whole meta-batch. In a loop on a CPU,
     ``workers`` tasks run at once, each on its own thread with ``torch.get_num_threads() // workers`` intra-op
     threads (:func:`resolve_workers`; ``None`` picks 2 for metafunc's learners, 1 for other callables).
+    ``channels_last=True`` hands each task's images and 4-D (convolution) weights to ``per_task`` in channels-last
+    memory format, the layout torch's CPU pooling and BatchNorm kernels are fast on (same values; the gradients
+    come back in the parameters' own layout); ``None`` lets ``mode="auto"`` measure both, ``False`` never.
 
     ``mode="auto"`` (the default) measures instead of guessing (:mod:`metafunc.step.plan`): for each new signature
-    (shapes, dtypes, device) the first calls run the candidates (the loop with 1 or 2 workers, ``vmap`` over all
-    tasks or chunks of them, within a memory bound) in turn, ``AUTO_TRIALS`` times each, and later calls keep the
-    fastest. A candidate that cannot run (an op without a batching rule, data-dependent control flow, torch's norm
-    layers at second order under vmap) is skipped; the loop always runs. ``step.plan`` is the
-    :class:`~metafunc.step.plan.StepPlan` of the last call, ``step.planner.report()`` the timings; pass ``mode``
-    (and ``chunk_size``/``workers``) to fix the plan. The gradients are added up in task order, so a given plan
-    gives the same bits on every run; plans agree to floating-point rounding. ``loss`` and ``metrics`` are
-    detached. (There is no bf16 option: under bf16 autocast
-    the second-order Conv-4 meta-gradient was 25-47% off the float32 one, see ``benchmarks/RESULTS.md``.)
+    (shapes, dtypes, device) the first calls run the candidates (the loop with 1 or 2 workers, for images on a CPU
+    each also channels-last, ``vmap`` over all tasks or chunks of them, within a memory bound) in turn,
+    ``AUTO_TRIALS`` times each, and later calls keep the fastest (of those within 5% of it, the one with the fewest
+    tasks in flight, which peaks lowest). A candidate that cannot run (an op without a batching rule, data-dependent
+    control flow, torch's norm layers at second order under vmap, a ``view`` the channels-last layout does not
+    allow) is skipped; the loop always runs. ``step.plan`` is the :class:`~metafunc.step.plan.StepPlan` of the last
+    call, ``step.planner.report()`` the timings; pass ``mode`` (and ``chunk_size``/``workers``/``channels_last``) to
+    fix the plan. The gradients are added up in task order, so a given plan gives the same bits on every run; plans
+    agree to floating-point rounding. ``loss`` and ``metrics`` are detached. (There is no bf16 option: under bf16
+    autocast the second-order Conv-4 meta-gradient was 25-47% off the float32 one, see ``benchmarks/RESULTS.md``.)
 
     Example:
         >>> from metafunc import apply_grads, functionalize, maml, models, sinusoid_tasks
@@ -165,6 +170,11 @@ def meta_value_and_grad(
         if mode == "vmap" and workers > 1:
             raise ValueError(f"meta_value_and_grad: workers={workers} runs tasks on threads, which needs mode='loop' "
                              "or 'auto' (got mode='vmap'); drop workers or use mode='loop'")
+    if channels_last is not None and not isinstance(channels_last, bool):
+        raise TypeError(f"meta_value_and_grad: channels_last must be True, False or None (got {channels_last!r})")
+    if channels_last and mode == "vmap":
+        raise ValueError("meta_value_and_grad: channels_last=True changes the layout of each task in a loop, which "
+                         "needs mode='loop' or 'auto' (got mode='vmap'); drop channels_last or use mode='loop'")
 
     planner = AutoPlanner()
 
@@ -187,11 +197,12 @@ def meta_value_and_grad(
             def candidates() -> list[StepPlan]:
                 loop_workers = resolve_workers(per_task, tasks, mode="loop", workers=None, params=params)
                 return candidate_plans(per_task, params, tasks, chunk_size=chunk_size, workers=workers,
-                                       loop_workers=loop_workers)
+                                       loop_workers=loop_workers, channels_last=channels_last)
             out, plan = planner.run(plan_key(params, tasks), candidates, run_plan)
         else:
             plan = StepPlan(mode, chunk_size if mode == "vmap" else None,
-                            resolve_workers(per_task, tasks, mode=mode, workers=workers, params=params))
+                            resolve_workers(per_task, tasks, mode=mode, workers=workers, params=params),
+                            bool(channels_last))
             out = run_plan(plan)
         step.plan = plan  # type: ignore[attr-defined]
         return out
@@ -219,7 +230,8 @@ def _run_plan(per_task: Callable, plan: StepPlan, params: Params, tasks: Task,
     def differentiate(start: int, stop: int) -> tuple[tuple[Tensor | None, ...], Tensor, Metrics]:
         with torch.set_grad_enabled(grad_mode):  # grad mode is per thread
             if plan.mode == "loop":
-                loss, metrics = per_task(params, tasks.task_at(start))
+                inputs = (params, tasks.task_at(start))
+                loss, metrics = per_task(*(_channels_last(*inputs) if plan.channels_last else inputs))
             else:
                 loss, metrics = batched(params, Task(*(t[start:stop] for t in tasks)))
             found = torch.autograd.grad(loss / n, leaves, allow_unused=True)
@@ -233,8 +245,28 @@ def _run_plan(per_task: Callable, plan: StepPlan, params: Params, tasks: Task,
         loss_sum = loss if loss_sum is None else loss_sum + loss
         for k, v in metrics.items():
             metric_sums[k] = v if k not in metric_sums else metric_sums[k] + v
-    grads = {k: torch.zeros_like(p) if g is None else g for k, p, g in zip(names, leaves, total)}
+    grads = {k: torch.zeros_like(p) if g is None else _layout_of(p, g) for k, p, g in zip(names, leaves, total)}
     return cast(Tensor, loss_sum) / n, {k: v / n for k, v in metric_sums.items()}, grads
+
+
+def _nhwc(t: Tensor) -> Tensor:
+    """``t`` (4-D, floating) with channels-last strides, differentiably; a 1-channel tensor gets them too (where
+    ``contiguous(memory_format=...)`` would keep its strides, and torch would pick the slow layout for the layer)."""
+    if not (isinstance(t, Tensor) and t.dim() == 4 and t.is_floating_point()):
+        return t
+    return torch.empty_like(t, memory_format=torch.channels_last).copy_(t)
+
+
+def _channels_last(params: Params, task: Task) -> tuple[Params, Task]:
+    """One task's inputs for a channels-last plan: its images and the 4-D weights in channels-last format."""
+    return {k: _nhwc(v) for k, v in params.items()}, Task(*(_nhwc(t) for t in task))
+
+
+def _layout_of(param: Tensor, grad: Tensor) -> Tensor:
+    """``grad`` with ``param``'s strides (a channels-last plan's gradients come back in the other layout)."""
+    if grad.stride() == param.stride():
+        return grad
+    return torch.empty_like(param).copy_(grad)
 
 
 def _in_order(fn: Callable[[int, int], Any], bounds: list[tuple[int, int]], workers: int):

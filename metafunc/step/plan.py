@@ -6,7 +6,7 @@ the model, the shapes and the machine: on a 2-core CPU a loop wins for a Conv-4 
 README's 40-40 MLP. So ``mode="auto"`` does not guess: for each new signature (parameter and task shapes, dtypes,
 device, grad mode, thread count) an :class:`AutoPlanner` runs the candidates of :func:`candidate_plans` in turn on
 the real meta-batches (each call is a real step, so nothing is wasted), ``AUTO_TRIALS`` times each, then keeps the
-fastest for that signature. A candidate that cannot run (no batching rule for an op, data-dependent control flow, a
+fastest for that signature (of candidates within ``AUTO_TIE`` of it, the one with the fewest tasks in flight). A candidate that cannot run (no batching rule for an op, data-dependent control flow, a
 model refused under ``vmap``, out of memory) is skipped, with the reason kept; the loop always remains.
 """
 
@@ -23,8 +23,8 @@ from metafunc._shared import under_func_transform
 from metafunc.core.batching import AUTO_VMAP_MEMORY_FRACTION, task_memory_estimate, vmap_runs
 from metafunc.core.types import Params, Task
 
-__all__ = ["StepPlan", "AutoPlanner", "candidate_plans", "plan_key", "available_memory", "AUTO_TRIALS",
-           "AUTO_CPU_MEMORY_FRACTION"]
+__all__ = ["StepPlan", "AutoPlanner", "candidate_plans", "channels_last_applies", "plan_key", "available_memory",
+           "AUTO_TRIALS", "AUTO_TIE", "AUTO_CPU_MEMORY_FRACTION"]
 
 AUTO_TRIALS = 2
 """Timed calls of each candidate before ``mode="auto"`` chooses; a candidate's best call counts (its first pays
@@ -34,25 +34,34 @@ AUTO_CPU_MEMORY_FRACTION = 0.25
 """On a CPU, the tasks in flight (threads, or a ``vmap`` chunk) may use about this fraction of the available memory
 (``MemAvailable``), by :func:`metafunc.core.batching.task_memory_estimate`."""
 
+AUTO_TIE = 0.05
+"""Candidates within this fraction of the fastest one's time are a tie (two trials on a shared machine do not
+resolve less), and a tie goes to the plan with the fewest tasks in flight: each holds its own activations, so it
+peaks lowest (one task at a time rather than two, a smaller ``vmap`` chunk)."""
+
 R = TypeVar("R")
 
 
 class StepPlan(NamedTuple):
     """One way to run a meta-batch: ``mode`` ``"loop"`` (``workers`` tasks at once) or ``"vmap"`` (``chunk_size``
-    tasks at a time, ``None``: all).
+    tasks at a time, ``None``: all). ``channels_last`` (loop only): each task's images and 2-D convolution weights
+    are handed to the per-task function in channels-last memory format (same values, same gradients to rounding;
+    on a CPU torch's pooling and BatchNorm kernels run several times faster on that layout).
 
     Example:
-        >>> str(StepPlan("vmap", 8)), str(StepPlan("loop", workers=2)), str(StepPlan("loop"))
-        ('vmap, chunks of 8', 'loop, 2 tasks at once', 'loop')
+        >>> str(StepPlan("vmap", 8)), str(StepPlan("loop", workers=2)), str(StepPlan("loop", channels_last=True))
+        ('vmap, chunks of 8', 'loop, 2 tasks at once', 'loop, channels-last')
     """
 
     mode: str
     chunk_size: int | None = None
     workers: int = 1
+    channels_last: bool = False
 
     def __str__(self) -> str:
         if self.mode == "loop":
-            return "loop" if self.workers == 1 else f"loop, {self.workers} tasks at once"
+            way = "loop" if self.workers == 1 else f"loop, {self.workers} tasks at once"
+            return way + (", channels-last" if self.channels_last else "")
         return "vmap" if self.chunk_size is None else f"vmap, chunks of {self.chunk_size}"
 
 
@@ -96,24 +105,51 @@ def plan_key(params: Params, tasks: Task) -> Hashable:
 
 
 def candidate_plans(per_task: Callable, params: Params, tasks: Task, *, chunk_size: int | None = None,
-                    workers: int | None = None, loop_workers: int = 1) -> list[StepPlan]:
+                    workers: int | None = None, loop_workers: int = 1,
+                    channels_last: bool | None = None) -> list[StepPlan]:
     """The ways ``mode="auto"`` tries for these tasks, the device's usual best first: on a CPU the loop
     (``loop_workers`` tasks at once, then one), on a GPU ``vmap``; ``vmap`` over all tasks and over chunks of a half
-    and a quarter of them (or ``chunk_size`` only), each within the memory bound; the loop always. A single task,
-    a call inside a ``torch.func`` transform, or ``workers`` given: the loop alone.
+    and a quarter of them (or ``chunk_size`` only), each within the memory bound; the loop always. For images on a
+    CPU (:func:`channels_last_applies`) each loop is tried in channels-last format too, first (``channels_last``
+    True or False: that format only). A single task, a call inside a ``torch.func`` transform, or ``workers``
+    given: the loop alone.
 
     Example:
         >>> from metafunc import Task
         >>> [str(p) for p in candidate_plans(lambda p, t: t.query_x.sum(), {}, Task(*[torch.zeros(8, 5, 1)] * 4))]
         ['loop', 'vmap', 'vmap, chunks of 4', 'vmap, chunks of 2']
+        >>> images = Task(torch.zeros(8, 5, 1, 28, 28), torch.zeros(8, 5), torch.zeros(8, 5, 1, 28, 28), torch.zeros(8, 5))
+        >>> [str(p) for p in candidate_plans(lambda p, t: t.query_x.sum(), {"w": torch.zeros(4, 1, 3, 3)}, images,
+        ...                                  workers=1)]
+        ['loop, channels-last', 'loop']
     """
     n = tasks.num_tasks
+    formats = [channels_last] if channels_last is not None else (
+        [True, False] if channels_last_applies(params, tasks) else [False])
     if workers is not None or n <= 1 or under_func_transform():
-        return [StepPlan("loop", workers=min(workers or 1, max(n, 1)))]
-    loops = [StepPlan("loop", workers=loop_workers)] + ([StepPlan("loop")] if loop_workers > 1 else [])
+        return [StepPlan("loop", workers=min(workers or 1, max(n, 1)), channels_last=f) for f in formats]
+    loops = [StepPlan("loop", workers=w, channels_last=f) for f in formats
+             for w in ([loop_workers, 1] if loop_workers > 1 else [1])]
+    if channels_last:
+        return loops
     vmaps = [StepPlan("vmap", c) for c in _vmap_chunks(params, tasks, chunk_size)] if vmap_runs(
         per_task, params, tasks) else []
     return vmaps + loops if tasks.support_x.device.type == "cuda" else loops + vmaps
+
+
+def channels_last_applies(params: Params, tasks: Task) -> bool:
+    """Whether ``mode="auto"`` also tries the channels-last loop: images (inputs of shape tasks x examples x
+    channels x height x width) on a CPU, and a floating 4-D parameter (a 2-D convolution's weight).
+
+    Example:
+        >>> from metafunc import Task
+        >>> images = Task(torch.zeros(2, 5, 1, 28, 28), torch.zeros(2, 5), torch.zeros(2, 5, 1, 28, 28), torch.zeros(2, 5))
+        >>> channels_last_applies({"w": torch.zeros(4, 1, 3, 3)}, images), channels_last_applies({}, images)
+        (True, False)
+    """
+    if tasks.support_x.device.type != "cpu" or tasks.support_x.dim() != 5 or tasks.query_x.dim() != 5:
+        return False
+    return any(isinstance(v, Tensor) and v.dim() == 4 and v.is_floating_point() for v in params.values())
 
 
 def _vmap_chunks(params: Params, tasks: Task, chunk_size: int | None) -> list[int | None]:
@@ -147,13 +183,21 @@ class _Search:
         pending = [c for c in live if len(self.seconds.get(c, [])) < AUTO_TRIALS]
         if pending:
             return min(pending, key=lambda c: len(self.seconds.get(c, [])))
-        self.chosen = min(live, key=lambda c: min(self.seconds[c]))
+        fastest = min(min(self.seconds[c]) for c in live)
+        ties = [c for c in live if min(self.seconds[c]) <= fastest * (1 + AUTO_TIE)]
+        self.chosen = min(ties, key=lambda c: (_tasks_in_flight(c), min(self.seconds[c])))
         return self.chosen
 
     def skip(self, plan: StepPlan, error: Exception) -> None:
-        """Drop a ``vmap`` candidate that raised: out of memory drops it and every larger chunk; any other error
-        (no batching rule, data-dependent control flow, randomness) drops every ``vmap`` candidate."""
+        """Drop a candidate that raised: a channels-last loop drops every channels-last one (a ``view`` the layout
+        does not allow); under ``vmap`` out of memory drops it and every larger chunk, any other error (no batching
+        rule, data-dependent control flow, randomness) every ``vmap`` candidate."""
         why = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:300]}"
+        if plan.channels_last:
+            for c in self.candidates:
+                if c.channels_last:
+                    self.skipped.setdefault(c, why)
+            return
         memory = isinstance(error, torch.OutOfMemoryError)
         if memory and torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -218,12 +262,18 @@ class AutoPlanner:
             try:
                 result, seconds = _timed(run_plan, plan)
             except (RuntimeError, ValueError, NotImplementedError) as error:
-                if plan.mode != "vmap":
+                if plan.mode != "vmap" and not plan.channels_last:
                     raise   # the loop is the fallback: its error is the user's to see
                 search.skip(plan, error)
                 continue
             search.seconds.setdefault(plan, []).append(seconds)
             return result, plan
+
+
+def _tasks_in_flight(plan: StepPlan) -> float:
+    if plan.mode == "loop":
+        return plan.workers
+    return float("inf") if plan.chunk_size is None else plan.chunk_size
 
 
 def _timed(run_plan: Callable[[StepPlan], R], plan: StepPlan) -> tuple[R, float]:

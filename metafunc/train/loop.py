@@ -144,7 +144,8 @@ def trainer_step(exp: Experiment, cfg: ResolvedConfig, plan: StepPlan | None = N
     """
     spec = LEARNERS[cfg.algorithm]
     how: dict[str, Any] = {"mode": cfg.mode, "chunk_size": cfg.chunk_size} if plan is None else {
-        "mode": plan.mode, "chunk_size": plan.chunk_size, "workers": plan.workers if plan.mode == "loop" else None}
+        "mode": plan.mode, "chunk_size": plan.chunk_size, "workers": plan.workers if plan.mode == "loop" else None,
+        "channels_last": plan.channels_last}
     if not spec.accepts("epoch"):
         return meta_value_and_grad(exp.learner, **how)  # type: ignore[arg-type]
     return EpochAnnealedStep(lambda epoch: meta_value_and_grad(  # type: ignore[arg-type]
