@@ -141,7 +141,7 @@ def meta_value_and_grad(
     ``mode="auto"`` (the default) measures instead of guessing (:mod:`metafunc.step.plan`): for each new signature
     (shapes, dtypes, device) the first calls run the candidates (the loop with 1 or 2 workers, for images on a CPU
     each also channels-last, ``vmap`` over all tasks or chunks of them, within a memory bound) in turn,
-    ``AUTO_TRIALS`` times each, and later calls keep the fastest (of those within 5% of it, the one with the fewest
+    ``AUTO_TRIALS`` times each, and later calls keep the fastest (of those within 10% of it, the one with the fewest
     tasks in flight, which peaks lowest). A candidate that cannot run (an op without a batching rule, data-dependent
     control flow, torch's norm layers at second order under vmap, a ``view`` the channels-last layout does not
     allow) is skipped; the loop always runs. ``step.plan`` is the :class:`~metafunc.step.plan.StepPlan` of the last

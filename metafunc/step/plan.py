@@ -34,10 +34,12 @@ AUTO_CPU_MEMORY_FRACTION = 0.25
 """On a CPU, the tasks in flight (threads, or a ``vmap`` chunk) may use about this fraction of the available memory
 (``MemAvailable``), by :func:`metafunc.core.batching.task_memory_estimate`."""
 
-AUTO_TIE = 0.05
-"""Candidates within this fraction of the fastest one's time are a tie (two trials on a shared machine do not
-resolve less), and a tie goes to the plan with the fewest tasks in flight: each holds its own activations, so it
-peaks lowest (one task at a time rather than two, a smaller ``vmap`` chunk)."""
+AUTO_TIE = 0.10
+"""Candidates within this fraction of the fastest one's time are a tie, and a tie goes to the plan with the fewest
+tasks in flight: each holds its own activations, so it peaks lowest (one task at a time rather than two, a smaller
+``vmap`` chunk). Two trials do not resolve less: on the 2-core CPU of ``benchmarks/RESULTS.md`` the Conv-4 loop with
+one and with two tasks at once came out 0.4% apart in auto's trials and 16% apart, the other way, in the medians of
+the rounds that followed; two tasks at once were at most 7% faster there, at twice the peak memory."""
 
 R = TypeVar("R")
 
