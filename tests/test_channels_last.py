@@ -13,7 +13,15 @@ from torch import nn
 
 import metafunc as mf
 from metafunc.step import plan as planning
-from metafunc.step.plan import AUTO_TIE, AUTO_TRIALS, AutoPlanner, StepPlan, candidate_plans, channels_last_applies
+from metafunc.step.plan import (
+    AUTO_CONFIRM,
+    AUTO_TIE,
+    AUTO_TRIALS,
+    AutoPlanner,
+    StepPlan,
+    candidate_plans,
+    channels_last_applies,
+)
 
 f64 = torch.float64
 
@@ -105,15 +113,24 @@ def test_a_model_that_cannot_take_the_layout_runs_in_the_default_one_and_a_force
 
 
 @pytest.mark.parametrize("two, one, chosen", [(1.00, 1.00 + AUTO_TIE / 2, "loop"),
-                                              (1.00, 1.00 + 3 * AUTO_TIE, "loop, 2 tasks at once"),
+                                              (1.00, 1.00 + 1.5 * AUTO_TIE, "loop, 2 tasks at once"),
                                               (1.00 + AUTO_TIE / 2, 1.00, "loop")])
 def test_a_tie_goes_to_the_plan_with_fewer_tasks_in_flight(monkeypatch, two, one, chosen):
     seconds = {StepPlan("loop", workers=2): two, StepPlan("loop"): one}
     monkeypatch.setattr(planning, "_timed", lambda run_plan, plan: (run_plan(plan), seconds[plan]))
     planner = AutoPlanner()
-    for _ in range(AUTO_TRIALS * 2 + 1):
-        planner.run("k", lambda: list(seconds), str)
-    assert planner.report("k")["chosen"] == chosen
+    ran = [planner.run("k", lambda: list(seconds), str)[0] for _ in range((AUTO_TRIALS + AUTO_CONFIRM) * 2 + 1)]
+    assert planner.report("k")["chosen"] == chosen == ran[-1]
+    # two and one task at a time are in a close race (within twice the tie): each was timed AUTO_CONFIRM times more
+    assert sorted(ran[:-1]) == sorted(["loop", "loop, 2 tasks at once"] * (AUTO_TRIALS + AUTO_CONFIRM))
+
+
+def test_a_candidate_far_behind_is_not_timed_again(monkeypatch):
+    seconds = {StepPlan("loop", workers=2): 1.0, StepPlan("loop"): 1.0 + 3 * AUTO_TIE}
+    monkeypatch.setattr(planning, "_timed", lambda run_plan, plan: (run_plan(plan), seconds[plan]))
+    planner = AutoPlanner()
+    ran = [planner.run("k", lambda: list(seconds), str)[0] for _ in range(AUTO_TRIALS * 2 + 1)]
+    assert planner.report("k")["chosen"] == "loop, 2 tasks at once" == ran[-1]
 
 
 def test_channels_last_is_refused_with_its_fix_before_anything_runs():

@@ -142,13 +142,14 @@ def meta_value_and_grad(
     (shapes, dtypes, device) the first calls run the candidates (the loop with 1 or 2 workers, for images on a CPU
     each also channels-last, ``vmap`` over all tasks or chunks of them, within a memory bound) in turn,
     ``AUTO_TRIALS`` times each, and later calls keep the fastest (of those within 10% of it, the one with the fewest
-    tasks in flight, which peaks lowest). A candidate that cannot run (an op without a batching rule, data-dependent
-    control flow, torch's norm layers at second order under vmap, a ``view`` the channels-last layout does not
-    allow) is skipped; the loop always runs. ``step.plan`` is the :class:`~metafunc.step.plan.StepPlan` of the last
-    call, ``step.planner.report()`` the timings; pass ``mode`` (and ``chunk_size``/``workers``/``channels_last``) to
-    fix the plan. The gradients are added up in task order, so a given plan gives the same bits on every run; plans
-    agree to floating-point rounding. ``loss`` and ``metrics`` are detached. (There is no bf16 option: under bf16
-    autocast the second-order Conv-4 meta-gradient was 25-47% off the float32 one, see ``benchmarks/RESULTS.md``.)
+    tasks in flight, which peaks lowest; a race within 20% gets two more calls of each contender first). A candidate
+    that cannot run (an op without a batching rule, data-dependent control flow, torch's norm layers at second order
+    under vmap, a ``view`` the channels-last layout does not allow) is skipped; the loop always runs. ``step.plan``
+    is the :class:`~metafunc.step.plan.StepPlan` of the last call, ``step.planner.report()`` the timings; pass
+    ``mode`` (and ``chunk_size``/``workers``/``channels_last``) to fix the plan. The gradients are added up in task
+    order, so a given plan gives the same bits on every run; plans agree to floating-point rounding. ``loss`` and
+    ``metrics`` are detached. (There is no bf16 option: under bf16 autocast the second-order Conv-4 meta-gradient
+    was 25-47% off the float32 one, see ``benchmarks/RESULTS.md``.)
 
     Example:
         >>> from metafunc import apply_grads, functionalize, maml, models, sinusoid_tasks

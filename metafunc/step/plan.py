@@ -6,8 +6,10 @@ the model, the shapes and the machine: on a 2-core CPU a loop wins for a Conv-4 
 README's 40-40 MLP. So ``mode="auto"`` does not guess: for each new signature (parameter and task shapes, dtypes,
 device, grad mode, thread count) an :class:`AutoPlanner` runs the candidates of :func:`candidate_plans` in turn on
 the real meta-batches (each call is a real step, so nothing is wasted), ``AUTO_TRIALS`` times each, then keeps the
-fastest for that signature (of candidates within ``AUTO_TIE`` of it, the one with the fewest tasks in flight). A candidate that cannot run (no batching rule for an op, data-dependent control flow, a
-model refused under ``vmap``, out of memory) is skipped, with the reason kept; the loop always remains.
+fastest for that signature (of candidates within ``AUTO_TIE`` of it, the one with the fewest tasks in flight; a close
+race gets ``AUTO_CONFIRM`` more calls of each contender first). A candidate that cannot run (no batching rule for an
+op, data-dependent control flow, a model refused under ``vmap``, out of memory, a ``view`` the channels-last layout
+does not allow) is skipped, with the reason kept; the loop always remains.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from metafunc.core.batching import AUTO_VMAP_MEMORY_FRACTION, task_memory_estima
 from metafunc.core.types import Params, Task
 
 __all__ = ["StepPlan", "AutoPlanner", "candidate_plans", "channels_last_applies", "plan_key", "available_memory",
-           "AUTO_TRIALS", "AUTO_TIE", "AUTO_CPU_MEMORY_FRACTION"]
+           "AUTO_TRIALS", "AUTO_TIE", "AUTO_CONFIRM", "AUTO_CPU_MEMORY_FRACTION"]
 
 AUTO_TRIALS = 2
 """Timed calls of each candidate before ``mode="auto"`` chooses; a candidate's best call counts (its first pays
@@ -40,6 +42,11 @@ tasks in flight: each holds its own activations, so it peaks lowest (one task at
 ``vmap`` chunk). Two trials do not resolve less: on the 2-core CPU of ``benchmarks/RESULTS.md`` the Conv-4 loop with
 one and with two tasks at once came out 0.4% apart in auto's trials and 16% apart, the other way, in the medians of
 the rounds that followed; two tasks at once were at most 7% faster there, at twice the peak memory."""
+
+AUTO_CONFIRM = 2
+"""More timed calls for each candidate within twice ``AUTO_TIE`` of the fastest after ``AUTO_TRIALS`` each, when
+there are several: the best of four calls decides a close race, not the best of two (on the 2-core CPU two trials
+each kept two Conv-4 tasks at once in two of three runs where one task at a time tied them, at twice the memory)."""
 
 R = TypeVar("R")
 
@@ -178,7 +185,8 @@ class _Search:
     chosen: StepPlan | None = None
 
     def next_plan(self) -> StepPlan:
-        """The chosen plan, else the live candidate timed least often (in order), else the choice now made."""
+        """The chosen plan, else the live candidate timed least often (in order), else a contender still to be
+        confirmed (within twice ``AUTO_TIE`` of the fastest, ``AUTO_CONFIRM`` more trials), else the choice now made."""
         if self.chosen is not None:
             return self.chosen
         live = [c for c in self.candidates if c not in self.skipped]
@@ -186,6 +194,10 @@ class _Search:
         if pending:
             return min(pending, key=lambda c: len(self.seconds.get(c, [])))
         fastest = min(min(self.seconds[c]) for c in live)
+        contenders = [c for c in live if min(self.seconds[c]) <= fastest * (1 + 2 * AUTO_TIE)]
+        unconfirmed = [c for c in contenders if len(self.seconds[c]) < AUTO_TRIALS + AUTO_CONFIRM]
+        if len(contenders) > 1 and unconfirmed:
+            return min(unconfirmed, key=lambda c: len(self.seconds[c]))
         ties = [c for c in live if min(self.seconds[c]) <= fastest * (1 + AUTO_TIE)]
         self.chosen = min(ties, key=lambda c: (_tasks_in_flight(c), min(self.seconds[c])))
         return self.chosen
