@@ -52,10 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     module, tasks, cfg = conv4(64), make_tasks(args.meta_batch), CONFIGS[args.config]
     model, params = mf.functionalize(module)
     learner = mf.maml(model, inner_lr=INNER_LR, steps=cfg["steps"], first_order=cfg["first_order"])
-    steps = {layout: (lambda s=mf.meta_value_and_grad(learner, mode="loop", workers=1,
-                                                       channels_last=layout == "channels-last"): s(params, tasks))
-             for layout in ("NCHW", "channels-last")}
-    steps["plain loop (NCHW)"] = build_step("plain", args.config, module, tasks)
+    nchw, nhwc = (mf.meta_value_and_grad(learner, mode="loop", workers=1, channels_last=c) for c in (False, True))
+    steps = {"NCHW": lambda: nchw(params, tasks), "channels-last": lambda: nhwc(params, tasks),
+             "plain loop (NCHW)": build_step("plain", args.config, module, tasks)}
     seconds: dict[str, list[float]] = {k: [] for k in steps}
     for round_ in range(args.rounds + 1):
         for k in (list(steps) if round_ % 2 else list(reversed(steps))):

@@ -16,11 +16,11 @@ trainer probes the same way before a run: ``metafunc.train.loop.measured_plan``)
 
 VARIANTS = ("default", "workers1", "channels_last", "workers1-channels_last", "compiled", "compiled-cudagraphs",
             "meta_batch-auto", "loop", "vmap", "vmap-chunk4")
-"""``default``: ``meta_value_and_grad(learner.meta_loss)`` (mode="auto": on a CPU, a loop running two tasks at a
-time); ``workers1``: the same, one task at a time; ``channels_last``, ``workers1-channels_last``: the same with
-the convolution weights in channels-last memory format (mkldnn's preferred layout on a CPU; issue 23's trial);
-``compiled``: ``metafunc.compiled_meta_step`` (the vmapped
-meta-step traced and compiled by inductor; the first call compiles); ``compiled-cudagraphs``: the same replayed as
+"""``default``: ``meta_value_and_grad(learner.meta_loss)`` (mode="auto", called until it has chosen its plan:
+``AUTO_PROBES``); ``workers1``: the same with ``workers=1``; ``channels_last``, ``workers1-channels_last``: the loop
+fixed to ``channels_last=True`` (each task's images and convolution weights in channels-last format), two tasks at
+a time and one; ``compiled``: ``metafunc.compiled_meta_step`` (the vmapped meta-step traced and compiled by
+inductor; the first call compiles); ``compiled-cudagraphs``: the same replayed as
 a CUDA graph (CUDA only); the others: ``meta_batch(..., mode)`` followed by
 ``loss.backward()`` (``meta_batch-auto`` is the documented meta-step with the default mode)."""
 
