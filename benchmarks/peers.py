@@ -55,7 +55,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
 }
 """``maml<order>-<inner steps>`` and ``protonet``."""
 
-IMPLS = ("metafunc", "metafunc:workers1", "metafunc:channels_last", "metafunc:workers1-channels_last", "metafunc:compiled", "metafunc:compiled-cudagraphs", "metafunc:meta_batch-auto", "metafunc:loop", "metafunc:vmap", "metafunc:vmap-chunk4",
+IMPLS = ("metafunc", "metafunc:workers1", "metafunc:channels_last", "metafunc:workers1-channels_last",
+         "metafunc:together-channels_last", "metafunc:compiled", "metafunc:compiled-cudagraphs", "metafunc:meta_batch-auto", "metafunc:loop", "metafunc:vmap", "metafunc:vmap-chunk4",
          "plain", "higher", "learn2learn", "torchopt", "parallel_metalearn")
 """Rows of the table; ``metafunc`` is ``meta_value_and_grad`` with ``mode="auto"``, the default fast meta-step."""
 

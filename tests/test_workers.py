@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import pickle
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -218,3 +219,43 @@ def test_a_meta_step_inside_a_task_on_a_worker_thread_runs_inline_instead_of_wai
     assert inner_workers == [1, 1, 1, 1]
     expected = meta_value_and_grad(learner.meta_loss, workers=1)(params, tasks)
     assert tree_relative_error(grads, expected[2]) < 1e-5
+
+
+def _record_starts(spacing, workers=2, tasks=6, seconds=0.2):
+    """Run ``tasks`` fake tasks of ``seconds`` each through the loop's scheduler: their (start, end) times."""
+    times: dict[int, tuple[float, float]] = {}
+
+    def task(i, _):
+        start = time.perf_counter()
+        time.sleep(seconds)
+        times[i] = (start, time.perf_counter())
+        return i
+
+    order = list(fast._in_order(task, [(i, i + 1) for i in range(tasks)], workers, spacing))
+    return order, [times[i] for i in range(tasks)]
+
+
+def test_tasks_in_flight_start_spread_over_a_task_so_their_memory_peaks_do_not_coincide():
+    # The first call has no timing yet: task 1 waits until task 0 has finished (and so been timed).
+    spacing = fast._Spacing()
+    order, times = _record_starts(spacing)
+    assert order == list(range(6))
+    assert times[1][0] >= times[0][1]
+    assert spacing.seconds is not None and spacing.seconds >= 0.2
+    # Later calls: each task starts at least half a task (the median timed duration over 2 workers) after the last.
+    order, times = _record_starts(spacing)
+    assert order == list(range(6))
+    gaps = [b[0] - a[0] for a, b in zip(times, times[1:])]
+    assert min(gaps) >= 0.5 * 0.2 - 1e-3, gaps
+    assert times[1][0] < times[0][1]  # ... and no later than needed: the second task overlaps the first
+
+
+def test_spacing_is_the_median_of_the_last_tasks_timed():
+    spacing = fast._Spacing()
+    assert spacing.seconds is None
+    for seconds in (0.3, 0.1, 0.2, 9.0, 0.2):
+        spacing.add(seconds)
+    assert spacing.seconds == 0.2
+    for seconds in (1.0, 1.0, 1.0):  # only the last five count
+        spacing.add(seconds)
+    assert spacing.seconds == 1.0

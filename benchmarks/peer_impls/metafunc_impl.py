@@ -14,12 +14,13 @@ AUTO_PROBES = 40
 """Calls the ``mode="auto"`` variants make when built, untimed, so the timed ones run the plan auto keeps (the
 trainer probes the same way before a run: ``metafunc.train.loop.measured_plan``)."""
 
-VARIANTS = ("default", "workers1", "channels_last", "workers1-channels_last", "compiled", "compiled-cudagraphs",
-            "meta_batch-auto", "loop", "vmap", "vmap-chunk4")
+VARIANTS = ("default", "workers1", "channels_last", "workers1-channels_last", "together-channels_last", "compiled",
+            "compiled-cudagraphs", "meta_batch-auto", "loop", "vmap", "vmap-chunk4")
 """``default``: ``meta_value_and_grad(learner.meta_loss)`` (mode="auto", called until it has chosen its plan:
 ``AUTO_PROBES``); ``workers1``: the same with ``workers=1``; ``channels_last``, ``workers1-channels_last``: the loop
 fixed to ``channels_last=True`` (each task's images and convolution weights in channels-last format), two tasks at
-a time and one; ``compiled``: ``metafunc.compiled_meta_step`` (the vmapped meta-step traced and compiled by
+a time and one; ``together-channels_last``: two at a time started together, as the loop ran before it spread
+their starts over a task's duration (see ``metafunc.step.default._in_order``); ``compiled``: ``metafunc.compiled_meta_step`` (the vmapped meta-step traced and compiled by
 inductor; the first call compiles); ``compiled-cudagraphs``: the same replayed as
 a CUDA graph (CUDA only); the others: ``meta_batch(..., mode)`` followed by
 ``loss.backward()`` (``meta_batch-auto`` is the documented meta-step with the default mode)."""
@@ -35,6 +36,9 @@ def _runner(learner, module: nn.Module, tasks, variant: str) -> Callable[[], dic
         def step() -> dict[str, Tensor]:
             return run(params, tasks)[2]
         return step
+    if variant == "together-channels_last":
+        return _together(fast.meta_value_and_grad(learner(model).meta_loss, mode="loop", workers=2,
+                                                  channels_last=True), params, tasks)
     if variant in ("default", "workers1", "channels_last", "workers1-channels_last"):
         layout = {"mode": "loop", "channels_last": True} if variant.endswith("channels_last") else {}
         run = fast.meta_value_and_grad(learner(model).meta_loss, workers=1 if variant.startswith("workers1") else None,
@@ -59,6 +63,25 @@ def _runner(learner, module: nn.Module, tasks, variant: str) -> Callable[[], dic
         loss.backward()
         return {k: p.grad for k, p in params.items()}
 
+    return step
+
+
+class _NoSpacing(fast._Spacing):
+    """A task duration of zero: the tasks in flight start together."""
+
+    @property
+    def seconds(self) -> float | None:
+        return 0.0
+
+
+def _together(run, params, tasks) -> Callable[[], dict]:
+    def step() -> dict[str, Tensor]:
+        spacing, fast._Spacing = fast._Spacing, _NoSpacing  # type: ignore[misc]
+        try:
+            return run(params, tasks)[2]
+        finally:
+            fast._Spacing = spacing  # type: ignore[misc]
+    step.plan = lambda: str(run.plan) + ", started together"  # type: ignore[attr-defined]
     return step
 
 

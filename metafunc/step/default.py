@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import collections
 import threading
+import time
+from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, Literal, cast
+from typing import Any, Callable, Hashable, Literal, cast
 
 import torch
 from torch import Tensor
@@ -37,8 +39,10 @@ AUTO_CPU_WORKERS = 2
 """Under ``workers=None`` on a CPU, at most this many tasks run at once (one per thread, each with its share of
 ``torch.get_num_threads()``), and never more than ``torch.get_num_threads()``. On the 2-core CPU of
 ``benchmarks/RESULTS.md`` two tasks at a time on one core each beat one task at a time on both cores for every
-Conv-4 width measured (see there); each task in flight holds its own activations, so the peak memory is that of
-this many tasks."""
+Conv-4 width measured (see there). Each task in flight holds its own activations; their starts are spread over a
+task's duration (:func:`_in_order`), so that their memory peaks do not coincide: two Conv-4 tasks of 5 inner steps
+peaked at 1.26x the memory of one task at a time, against 1.89-1.98x when they started together (at 1 inner step
+spacing did not lower the peak, see ``benchmarks/RESULTS.md``)."""
 
 _POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
 _POOLS_LOCK = threading.Lock()
@@ -133,7 +137,8 @@ def meta_value_and_grad(
     Each task (``mode="loop"``) or chunk of ``chunk_size`` tasks (``mode="vmap"``) is differentiated as soon as it
     has run, so the peak memory is that of one task or chunk instead of the whole meta-batch. In a loop on a CPU,
     ``workers`` tasks run at once, each on its own thread with ``torch.get_num_threads() // workers`` intra-op
-    threads (:func:`resolve_workers`; ``None`` picks 2 for metafunc's learners, 1 for other callables).
+    threads (:func:`resolve_workers`; ``None`` picks 2 for metafunc's learners, 1 for other callables), their starts
+    spread over a task's duration so that they are not all at their memory peak (the end of the forward pass) at once.
     ``channels_last=True`` hands each task's images and 4-D (convolution) weights to ``per_task`` in channels-last
     memory format, the layout torch's CPU pooling and BatchNorm kernels are fast on (same values; the gradients
     come back in the parameters' own layout); ``None`` lets ``mode="auto"`` measure both, ``False`` never.
@@ -178,6 +183,7 @@ def meta_value_and_grad(
                          "needs mode='loop' or 'auto' (got mode='vmap'); drop channels_last or use mode='loop'")
 
     planner = AutoPlanner()
+    spacings: dict[Hashable, _Spacing] = {}  # per signature and plan: how long a task takes on a worker thread
 
     def step(params: Params, tasks: Task) -> tuple[Tensor, Metrics, Params]:
         if not isinstance(params, dict):
@@ -191,15 +197,17 @@ def meta_value_and_grad(
         if tasks.num_tasks < 1:
             raise ValueError("meta_value_and_grad: the meta-batch is empty (0 tasks); stack at least one task")
 
+        key = plan_key(params, tasks)
+
         def run_plan(plan: StepPlan) -> tuple[Tensor, Metrics, Params]:
-            return _run_plan(per_task, plan, params, tasks, names)
+            return _run_plan(per_task, plan, params, tasks, names, spacings.setdefault((key, plan), _Spacing()))
 
         if mode == "auto":
             def candidates() -> list[StepPlan]:
                 loop_workers = resolve_workers(per_task, tasks, mode="loop", workers=None, params=params)
                 return candidate_plans(per_task, params, tasks, chunk_size=chunk_size, workers=workers,
                                        loop_workers=loop_workers, channels_last=channels_last)
-            out, plan = planner.run(plan_key(params, tasks), candidates, run_plan)
+            out, plan = planner.run(key, candidates, run_plan)
         else:
             plan = StepPlan(mode, chunk_size if mode == "vmap" else None,
                             resolve_workers(per_task, tasks, mode=mode, workers=workers, params=params),
@@ -214,8 +222,8 @@ def meta_value_and_grad(
     return step
 
 
-def _run_plan(per_task: Callable, plan: StepPlan, params: Params, tasks: Task,
-              names: list[str]) -> tuple[Tensor, Metrics, Params]:
+def _run_plan(per_task: Callable, plan: StepPlan, params: Params, tasks: Task, names: list[str],
+              spacing: _Spacing | None = None) -> tuple[Tensor, Metrics, Params]:
     """One meta-step run the way ``plan`` says: each task (loop, ``plan.workers`` at once) or chunk (vmap)
     differentiated as soon as it has run, the gradients added up in task order."""
     n = tasks.num_tasks
@@ -241,7 +249,8 @@ def _run_plan(per_task: Callable, plan: StepPlan, params: Params, tasks: Task,
     total: list[Tensor | None] = [None] * len(leaves)
     loss_sum: Tensor | None = None
     metric_sums: dict[str, Tensor] = {}
-    for found, loss, metrics in _in_order(differentiate, bounds, plan.workers if plan.mode == "loop" else 1):
+    in_flight = plan.workers if plan.mode == "loop" else 1
+    for found, loss, metrics in _in_order(differentiate, bounds, in_flight, spacing):
         total = [g if t is None else (t if g is None else t + g) for t, g in zip(total, found)]
         loss_sum = loss if loss_sum is None else loss_sum + loss
         for k, v in metrics.items():
@@ -270,28 +279,76 @@ def _layout_of(param: Tensor, grad: Tensor) -> Tensor:
     return torch.empty_like(param).copy_(grad)
 
 
-def _in_order(fn: Callable[[int, int], Any], bounds: list[tuple[int, int]], workers: int):
+class _Spacing:
+    """How long a task of a plan takes on its worker thread (the median of the last few to finish), kept per
+    signature: the loop spaces the starts of the tasks in flight by this over ``workers`` (see :func:`_in_order`)."""
+
+    __slots__ = ("_recent", "_lock")
+
+    def __init__(self) -> None:
+        self._recent: collections.deque[float] = collections.deque(maxlen=5)
+        self._lock = threading.Lock()
+
+    def add(self, seconds: float) -> None:
+        with self._lock:  # worker threads add, the caller's thread reads
+            self._recent.append(seconds)
+
+    @property
+    def seconds(self) -> float | None:
+        with self._lock:
+            recent = sorted(self._recent)
+        return recent[len(recent) // 2] if recent else None
+
+
+def _in_order(fn: Callable[[int, int], Any], bounds: list[tuple[int, int]], workers: int,
+              spacing: _Spacing | None = None):
     """Yield ``fn(*b)`` for each ``b`` in order, computing up to ``workers`` of them at once on a thread pool.
 
-    At most ``workers`` results are in flight or waiting, so the peak memory is that of ``workers`` tasks; results
-    are consumed in order, so sums over them do not depend on which thread finished first."""
+    At most ``workers`` tasks are in flight or waiting, and their starts are spread over one task's duration: task
+    ``i`` starts no sooner than ``spacing.seconds / workers`` after task ``i - 1`` (the first time, once task 0 has
+    finished and so been timed). A task's memory peaks at the end of its forward pass and falls through its backward
+    pass, so tasks started together (all at their peak at once) hold ``workers`` peaks, and spaced ones much less
+    (``AUTO_CPU_WORKERS``), at the cost of about one task's duration per meta-step (the first start waits, the last
+    task ends alone). Results are consumed in order, so sums over them do not depend on which thread finished
+    first."""
     if workers <= 1:
         for b in bounds:
             yield fn(*b)
         return
+    spacing = spacing or _Spacing()
     pool = _pool(workers, max(1, torch.get_num_threads() // workers))
     pending: collections.deque[Future] = collections.deque()
+
+    def timed(*b: int) -> Any:
+        start = time.perf_counter()
+        out = fn(*b)
+        spacing.add(time.perf_counter() - start)
+        return out
+
+    last_start: float | None = None
+
+    def submit(b: tuple[int, int]) -> None:
+        nonlocal last_start
+        if last_start is not None:
+            if spacing.seconds is None:  # the first call: wait for a task to be timed
+                futures.wait([pending[-1]])
+            seconds = spacing.seconds
+            if seconds is not None:
+                time.sleep(max(0.0, last_start + seconds / workers - time.perf_counter()))
+        last_start = time.perf_counter()
+        pending.append(pool.submit(timed, *b))
+
     upcoming = iter(bounds)
     try:
         for b in upcoming:
-            pending.append(pool.submit(fn, *b))
+            submit(b)
             if len(pending) == workers:
                 break
         while pending:
             result = pending.popleft().result()
             following = next(upcoming, None)
             if following is not None:
-                pending.append(pool.submit(fn, *following))
+                submit(following)
             yield result
     finally:
         for future in pending:  # an error or an abandoned generator: do not leave tasks running behind us
