@@ -66,8 +66,9 @@ def test_parallel_metalearn_float64_meta_gradient(config):
 
 def test_channels_last_variants_float64_meta_gradient():
     """metafunc's channels-last loop (issue 23: each task's images and convolution weights in channels-last memory
-    format, two tasks at a time and one) computes the plain loop's float64 meta-gradient: a layout that changed the
-    values would not be a speed-up worth timing."""
-    errors = check_gradients("maml2-1", ("metafunc:channels_last", "metafunc:workers1-channels_last"), device="cpu",
-                             width=8)
+    format, two tasks at a time and one, and two started together as before their starts were spread) computes the
+    plain loop's float64 meta-gradient: a layout that changed the values would not be a speed-up worth timing."""
+    variants = ("metafunc:channels_last", "metafunc:workers1-channels_last", "metafunc:together-channels_last")
+    errors = check_gradients("maml2-1", variants, device="cpu", width=8)
+    assert set(errors) == set(variants)
     assert all(e is not None and e < 1e-10 for e in errors.values()), errors

@@ -259,3 +259,12 @@ def test_spacing_is_the_median_of_the_last_tasks_timed():
     for seconds in (1.0, 1.0, 1.0):  # only the last five count
         spacing.add(seconds)
     assert spacing.seconds == 1.0
+
+
+def test_timings_are_kept_for_a_bounded_number_of_signatures():
+    spacings: dict = {}
+    first = fast._spacing_of(spacings, "a", keep=3)
+    assert fast._spacing_of(spacings, "a", keep=3) is first
+    for key in "bcd":
+        fast._spacing_of(spacings, key, keep=3)
+    assert list(spacings) == ["b", "c", "d"]  # the oldest went

@@ -200,7 +200,7 @@ def meta_value_and_grad(
         key = plan_key(params, tasks)
 
         def run_plan(plan: StepPlan) -> tuple[Tensor, Metrics, Params]:
-            return _run_plan(per_task, plan, params, tasks, names, spacings.setdefault((key, plan), _Spacing()))
+            return _run_plan(per_task, plan, params, tasks, names, _spacing_of(spacings, (key, plan)))
 
         if mode == "auto":
             def candidates() -> list[StepPlan]:
@@ -300,6 +300,16 @@ class _Spacing:
         return recent[len(recent) // 2] if recent else None
 
 
+def _spacing_of(spacings: dict[Hashable, _Spacing], key: Hashable, keep: int = 64) -> _Spacing:
+    """The timings kept for ``key``, new if there are none; at most ``keep`` keys (the oldest goes), so that tasks
+    of ever new shapes do not grow them without bound."""
+    if key not in spacings:
+        if len(spacings) >= keep:
+            spacings.pop(next(iter(spacings)))
+        spacings[key] = _Spacing()
+    return spacings[key]
+
+
 def _in_order(fn: Callable[[int, int], Any], bounds: list[tuple[int, int]], workers: int,
               spacing: _Spacing | None = None):
     """Yield ``fn(*b)`` for each ``b`` in order, computing up to ``workers`` of them at once on a thread pool.
@@ -307,8 +317,8 @@ def _in_order(fn: Callable[[int, int], Any], bounds: list[tuple[int, int]], work
     At most ``workers`` tasks are in flight or waiting, and their starts are spread over one task's duration: task
     ``i`` starts no sooner than ``spacing.seconds / workers`` after task ``i - 1`` (the first time, once task 0 has
     finished and so been timed). A task's memory peaks at the end of its forward pass and falls through its backward
-    pass, so tasks started together (all at their peak at once) hold ``workers`` peaks, and spaced ones much less
-    (``AUTO_CPU_WORKERS``), at the cost of about one task's duration per meta-step (the first start waits, the last
+    pass, so tasks started together (all at their peak at once) hold ``workers`` peaks, and spaced ones can hold
+    less (where a task frees much of its memory early in its backward pass, see ``AUTO_CPU_WORKERS``), at the cost of about one task's duration per meta-step (the first start waits, the last
     task ends alone). Results are consumed in order, so sums over them do not depend on which thread finished
     first."""
     if workers <= 1:
