@@ -154,3 +154,40 @@ def test_the_trainer_runs_a_measured_channels_last_plan():
     want = trainer_step(exp, cfg, StepPlan("loop"))(exp.params, tasks)[2]
     assert step.plan == StepPlan("loop", channels_last=True)
     assert relative_error(grads, want) < 1e-5
+
+
+def test_the_cli_fixes_the_loop_layout_and_workers_and_auto_keeps_them():
+    from metafunc.cli import build_parser
+    from metafunc.cli.options import train_config_from_args
+    from metafunc.train import build_experiment, resolve_config
+    from metafunc.train.loop import measured_plan, trainer_step
+
+    args = build_parser().parse_args(["train", "--dataset", "synthetic", "--width", "8", "--meta-batch", "2",
+                                      "--mode", "loop", "--workers", "1", "--channels-last"])
+    cfg = resolve_config(train_config_from_args(args))
+    assert (cfg.workers, cfg.channels_last) == (1, True)
+    exp = build_experiment(cfg)
+    step = trainer_step(exp, cfg)
+    step(exp.params, exp.sources["train"].sample(2, torch.Generator().manual_seed(0)))
+    assert step.plan == StepPlan("loop", workers=1, channels_last=True)
+    # under mode="auto" the fixed settings bound what is measured: only NCHW plans, one task at a time
+    args = build_parser().parse_args(["train", "--dataset", "synthetic", "--width", "8", "--meta-batch", "2",
+                                      "--workers", "1", "--no-channels-last"])
+    cfg = resolve_config(train_config_from_args(args))
+    plan = measured_plan(build_experiment(cfg), cfg, build_experiment(cfg).sources["train"])
+    assert plan is not None and not plan.channels_last and (plan.mode == "vmap" or plan.workers == 1)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--mode", "vmap", "--channels-last"], r"train: --channels-last sets how the loop runs its tasks, but --mode vmap"),
+    (["--mode", "vmap", "--workers", "2"], r"train: --workers 2 sets how the loop runs its tasks, but --mode vmap"),
+    (["--workers", "0"], r"train: workers must be >= 1 \(got 0\)"),
+])
+def test_loop_flags_that_cannot_apply_are_refused_before_training(flags, message):
+    from metafunc.cli import build_parser
+    from metafunc.cli.options import train_config_from_args
+    from metafunc.train import resolve_config
+
+    args = build_parser().parse_args(["train", "--dataset", "synthetic", *flags])
+    with pytest.raises(ValueError, match=message):
+        resolve_config(train_config_from_args(args))

@@ -110,6 +110,11 @@ def _add_run_flags(t: argparse.ArgumentParser) -> None:
                    help="how a meta-batch runs: auto (the default: the fastest of loop, threads, vmap and vmap "
                         "chunks, timed before training and kept in the checkpoint), loop or vmap")
     t.add_argument("--chunk-size", type=int, help="vmap this many tasks at a time (memory)")
+    t.add_argument("--workers", type=int, help="tasks at once in the CPU loop, one thread each (default: auto "
+                                                "measures 1 and 2; two at once peak higher)")
+    t.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="images and convolution weights in channels-last format in the loop (default: auto measures "
+                        "both on a CPU)")
     t.add_argument("--threads", type=int, help="torch CPU threads (sinusoid default 1: tiny matrices)")
     t.add_argument("--device", help="cpu (default), cuda, cuda:1, ...")
     t.add_argument("--seed", type=int, help="seed of the initial weights and of the task stream (default 0)")

@@ -76,6 +76,12 @@ class TrainConfig:
     width: int | None = None
     mode: str | None = None
     chunk_size: int | None = None
+    workers: int | None = None
+    """Tasks at once in the CPU loop, each on its own thread (``meta_value_and_grad(workers=)``; ``None``: measured
+    under ``mode="auto"``, else 2 for metafunc's learners)."""
+    channels_last: bool | None = None
+    """Each task's images and convolution weights in channels-last format in the loop (``None``: measured under
+    ``mode="auto"`` for images on a CPU, else off)."""
     threads: int | None = None
     device: str = "cpu"
     seed: int = 0
@@ -200,7 +206,7 @@ def _check_numbers(cfg: ResolvedConfig) -> None:
         check_steps("train", name, getattr(cfg, name), minimum=0)
     for name in ("inner_lr", "outer_lr"):
         check_positive("train", name, getattr(cfg, name))
-    for name in ("chunk_size", "threads", "val_ways", "val_shots", "val_queries"):
+    for name in ("chunk_size", "workers", "threads", "val_ways", "val_shots", "val_queries"):
         if getattr(cfg, name) is not None:
             check_steps("train", name, getattr(cfg, name), minimum=2 if name == "val_ways" else 1)
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
@@ -211,8 +217,19 @@ def _check_numbers(cfg: ResolvedConfig) -> None:
     check_steps("train", "epoch_length", cfg.epoch_length)
 
 
+def _check_loop_settings(cfg: ResolvedConfig) -> None:
+    """``--workers`` and ``--channels-last`` shape the loop, so ``--mode vmap`` cannot take them."""
+    if cfg.channels_last is not None and not isinstance(cfg.channels_last, bool):
+        raise TypeError(f"train: channels_last must be true, false or unset (got {cfg.channels_last!r})")
+    if cfg.mode == "vmap" and ((cfg.workers or 1) > 1 or cfg.channels_last):
+        flag = f"--workers {cfg.workers}" if (cfg.workers or 1) > 1 else "--channels-last"
+        raise ValueError(f"train: {flag} sets how the loop runs its tasks, but --mode vmap runs them under vmap; "
+                         "use --mode loop or auto, or drop the flag")
+
+
 def _check_choices(cfg: ResolvedConfig) -> None:
     check_choice("train", "mode", cfg.mode, ("auto", "vmap", "loop"))
+    _check_loop_settings(cfg)
     if cfg.dataset != "sinusoid" and cfg.ways < 2:
         raise ValueError(f"train: ways must be >= 2 for classification (got {cfg.ways})")
     if cfg.dataset == "sinusoid" and not LEARNERS[cfg.algorithm].needs_head:

@@ -120,7 +120,8 @@ def measured_plan(exp: Experiment, cfg: ResolvedConfig, source: TaskSource) -> S
     if cfg.mode != "auto":
         return None
     probe = source.sample(cfg.meta_batch, torch.Generator(device=cfg.device).manual_seed(cfg.seed + 1_000_003))
-    step = meta_value_and_grad(exp.learner, chunk_size=cfg.chunk_size)  # type: ignore[arg-type]
+    step = meta_value_and_grad(exp.learner, chunk_size=cfg.chunk_size, workers=cfg.workers,  # type: ignore[arg-type]
+                               channels_last=cfg.channels_last)
     with torch.random.fork_rng(devices=[]):
         for _ in range(PLAN_PROBE_LIMIT):
             step(exp.params, probe)
@@ -131,7 +132,8 @@ def measured_plan(exp: Experiment, cfg: ResolvedConfig, source: TaskSource) -> S
 
 def trainer_step(exp: Experiment, cfg: ResolvedConfig, plan: StepPlan | None = None) -> MetaStep:
     """The meta-step ``metafunc train`` takes: :func:`metafunc.meta_value_and_grad` of the run's learner with the
-    run's ``mode`` and ``chunk_size``, or the ``plan`` measured for a ``mode="auto"`` run (:func:`measured_plan`);
+    run's ``mode``, ``chunk_size``, ``workers`` and ``channels_last``, or the ``plan`` measured for a ``mode="auto"``
+    run (:func:`measured_plan`, which keeps those the run fixes);
     for a learner whose factory takes ``epoch`` (MAML++), an :class:`EpochAnnealedStep` that the trainer moves
     every ``epoch_length`` iterations.
 
@@ -143,7 +145,8 @@ def trainer_step(exp: Experiment, cfg: ResolvedConfig, plan: StepPlan | None = N
         True
     """
     spec = LEARNERS[cfg.algorithm]
-    how: dict[str, Any] = {"mode": cfg.mode, "chunk_size": cfg.chunk_size} if plan is None else {
+    how: dict[str, Any] = {"mode": cfg.mode, "chunk_size": cfg.chunk_size, "workers": cfg.workers,
+                           "channels_last": cfg.channels_last} if plan is None else {
         "mode": plan.mode, "chunk_size": plan.chunk_size, "workers": plan.workers if plan.mode == "loop" else None,
         "channels_last": plan.channels_last}
     if not spec.accepts("epoch"):
