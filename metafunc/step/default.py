@@ -318,9 +318,9 @@ def _in_order(fn: Callable[[int, int], Any], bounds: list[tuple[int, int]], work
     ``i`` starts no sooner than ``spacing.seconds / workers`` after task ``i - 1`` (the first time, once task 0 has
     finished and so been timed). A task's memory peaks at the end of its forward pass and falls through its backward
     pass, so tasks started together (all at their peak at once) hold ``workers`` peaks, and spaced ones can hold
-    less (where a task frees much of its memory early in its backward pass, see ``AUTO_CPU_WORKERS``), at the cost of about one task's duration per meta-step (the first start waits, the last
-    task ends alone). Results are consumed in order, so sums over them do not depend on which thread finished
-    first."""
+    less (where a task frees much of its memory early in its backward pass, see ``AUTO_CPU_WORKERS``), at the cost
+    of about one task's duration per meta-step (the first start waits, the last task ends alone). Results are
+    consumed in order, so sums over them do not depend on which thread finished first."""
     if workers <= 1:
         for b in bounds:
             yield fn(*b)
@@ -340,11 +340,11 @@ def _in_order(fn: Callable[[int, int], Any], bounds: list[tuple[int, int]], work
     def submit(b: tuple[int, int]) -> None:
         nonlocal last_start
         if last_start is not None:
-            if spacing.seconds is None:  # the first call: wait for a task to be timed
-                futures.wait([pending[-1]])
             seconds = spacing.seconds
-            if seconds is not None:
-                time.sleep(max(0.0, last_start + seconds / workers - time.perf_counter()))
+            if seconds is None:  # the first call: wait for a task to be timed
+                futures.wait([pending[-1]])
+                seconds = spacing.seconds or 0.0
+            time.sleep(max(0.0, last_start + seconds / workers - time.perf_counter()))
         last_start = time.perf_counter()
         pending.append(pool.submit(timed, *b))
 

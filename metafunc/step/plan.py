@@ -41,12 +41,14 @@ AUTO_TIE = 0.10
 tasks in flight: each holds its own activations, so it peaks lowest (one task at a time rather than two, a smaller
 ``vmap`` chunk). Two trials do not resolve less: on the 2-core CPU of ``benchmarks/RESULTS.md`` the Conv-4 loop with
 one and with two tasks at once came out 0.4% apart in auto's trials and 16% apart, the other way, in the medians of
-the rounds that followed; two tasks at once were at most 7% faster there, at twice the peak memory."""
+the rounds that followed; two tasks at once were at most 7% faster there, at twice the peak memory (started
+together, before the loop spread their starts)."""
 
 AUTO_CONFIRM = 2
 """More timed calls for each candidate within twice ``AUTO_TIE`` of the fastest after ``AUTO_TRIALS`` each, when
 there are several: the best of four calls decides a close race, not the best of two (on the 2-core CPU two trials
-each kept two Conv-4 tasks at once in two of three runs where one task at a time tied them, at twice the memory)."""
+each kept two Conv-4 tasks at once in two of three runs where one task at a time tied them, at twice the memory:
+at 1 inner step two tasks peak at about twice one task's memory even with their starts spread)."""
 
 R = TypeVar("R")
 
